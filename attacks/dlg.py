@@ -1,0 +1,313 @@
+"""DLG (Zhu, Liu & Han, NeurIPS 2019) and iDLG (Zhao, Mopuri & Bilen, 2020).
+
+DLG, as in the paper's reference code: the dummy image ~ N(0, 1) and dummy label logits
+~ N(0, 1) (soft label = softmax of the logits) are optimised jointly with
+``torch.optim.LBFGS(lr=1, max_iter=20, history_size=100, line_search_fn=None)`` for
+300 steps, minimising
+
+    D = sum over parameter tensors of || dL(x', y')/dW - g_shared ||_2^2,
+    L(x', y') = mean over the batch of sum_c -softmax(y')_c * log_softmax(f(x'))_c.
+
+iDLG reads the label of a single image off the shared gradient of the last layer
+(the only row of the final weight gradient whose sum is negative, ``argmin``), then
+optimises the image alone against plain cross-entropy with that label; otherwise as DLG.
+
+Lanes run in one batched computation: ``torch.func.vmap`` over the gradient-matching
+loss and its gradient (grad of grad), optionally ``torch.compile``d, driven by
+:class:`attacks.lbfgs.BatchedLBFGS`. Each lane has its own weights, target gradient
+and seed, and no quantity is shared across lanes. ``engine="serial"`` is the paper's
+code itself (``torch.optim.LBFGS`` on one lane at a time), kept as the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
+from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
+from bench.errors import UserError
+
+ENGINES = ("compiled", "eager", "serial")
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """The reference code's ``cross_entropy_for_onehot``: mean_b sum_c -p_bc log softmax(z)_bc."""
+    return torch.mean(torch.sum(-target_probs * F.log_softmax(logits, dim=-1), dim=-1))
+
+
+def victim_gradient(model: torch.nn.Module, params: dict[str, Tensor], images: Tensor,
+                    labels: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """The gradient a worker shares: d soft_cross_entropy(f(x), onehot(y)) / dW, by parameter name."""
+    onehot = F.one_hot(labels, num_classes).to(images.dtype)
+
+    def loss(p):
+        return soft_cross_entropy(functional_call(model, p, (images,)), onehot)
+
+    return {k: v.detach() for k, v in grad(loss)(params).items()}
+
+
+def idlg_labels(target_grads: dict[str, Tensor], last_weight: str) -> Tensor:
+    """iDLG's label: argmin over classes of the row sums of the last layer's weight gradient."""
+    return torch.argmin(target_grads[last_weight].sum(-1), dim=-1).reshape(1)
+
+
+@dataclass(frozen=True)
+class DLGAttack:
+    """See the module docstring. ``label`` is "soft" (DLG) or "idlg"."""
+
+    name: str
+    label: str
+    lbfgs: LBFGSSettings
+    engine: str = "compiled"
+    dtype: torch.dtype = torch.float32
+
+    # -- the per-lane objective ------------------------------------------------------
+    def _lane_objective(self, batch: AttackBatch) -> Callable:
+        model, shape, B, C = batch.model, batch.image_shape, batch.batch_size, batch.num_classes
+        n_img = B * shape[0] * shape[1] * shape[2]
+        names = list(batch.lanes[0].params)
+        idlg = self.label == "idlg"
+
+        def objective(z: Tensor, params: dict, targets: dict, fixed_label: Tensor) -> Tensor:
+            x = z[:n_img].reshape(B, *shape)
+            if idlg:
+                probs = F.one_hot(fixed_label, C).to(z.dtype)
+            else:
+                probs = F.softmax(z[n_img:].reshape(B, C), dim=-1)
+
+            def loss(p):
+                return soft_cross_entropy(functional_call(model, p, (x,)), probs)
+
+            g = grad(loss)(params)
+            return sum(((g[k] - targets[k]) ** 2).sum() for k in names)
+
+        return vmap(grad_and_value(objective), in_dims=(0, 0, 0, 0))
+
+    def _objective(self, batch: AttackBatch) -> Callable:
+        """The batched objective for this architecture and shape, compiled once per process."""
+        key = (repr(batch.model), batch.image_shape, batch.batch_size, batch.num_classes, self.label,
+               self.dtype, str(batch.device), self.engine)
+        if key not in _OBJECTIVES:
+            fn = self._lane_objective(batch)
+            _OBJECTIVES[key] = compile_objective(fn) if self.engine == "compiled" else fn
+        return _OBJECTIVES[key]
+
+    def _stack(self, batch: AttackBatch, fixed_labels: Tensor):
+        dev, dt = batch.device, self.dtype
+        params = {k: torch.stack([ln.params[k] for ln in batch.lanes]).to(dev, dt) for k in batch.lanes[0].params}
+        targets = {k: torch.stack([ln.target_grads[k] for ln in batch.lanes]).to(dev, dt)
+                   for k in batch.lanes[0].target_grads}
+        return params, targets, fixed_labels.to(dev)
+
+    def initial_point(self, batch: AttackBatch) -> Tensor:
+        """Per lane: dummy image ~ N(0,1) then (DLG) label logits ~ N(0,1), from the lane's seed."""
+        B, C = batch.batch_size, batch.num_classes
+        rows = []
+        for ln in batch.lanes:
+            gen = torch.Generator().manual_seed(ln.seed)
+            img = torch.randn((B, *batch.image_shape), generator=gen, dtype=self.dtype)
+            parts = [img.flatten()]
+            if self.label == "soft":
+                parts.append(torch.randn((B, C), generator=gen, dtype=self.dtype).flatten())
+            rows.append(torch.cat(parts))
+        return torch.stack(rows).to(batch.device)
+
+    def _fixed_labels(self, batch: AttackBatch) -> Tensor:
+        if self.label != "idlg":
+            return torch.zeros(len(batch.lanes), batch.batch_size, dtype=torch.long)
+        last = list(batch.lanes[0].params)[-2]  # the final Linear's weight
+        return torch.stack([idlg_labels(ln.target_grads, last) for ln in batch.lanes])
+
+    # -- running -----------------------------------------------------------------------
+    def __call__(self, batch: AttackBatch, *, progress: Callable[[int], None] | None = None,
+                 snapshot_steps: tuple[int, ...] = ()) -> AttackResult:
+        if self.label == "idlg" and batch.batch_size != 1:
+            raise UserError(f"attack {self.name!r}: iDLG's label rule needs victim batch size 1, "
+                            f"got {batch.batch_size}; use attack 'dlg'")
+        t0 = time.perf_counter()
+        fixed = self._fixed_labels(batch)
+        if self.engine == "serial":
+            x, status, closures, trace, final, snaps = self._run_serial(batch, fixed, progress, snapshot_steps)
+        else:
+            x, status, closures, trace, final, snaps = self._run_batched(batch, fixed, progress, snapshot_steps)
+        B, C = batch.batch_size, batch.num_classes
+        n_img = B * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
+        recs = x[:, :n_img].reshape(len(batch.lanes), B, *batch.image_shape)
+        if self.label == "soft":
+            labels = x[:, n_img:].reshape(len(batch.lanes), B, C).argmax(-1)
+        else:
+            labels = fixed
+        return AttackResult(
+            reconstructions=recs.detach().cpu().float(), labels=labels.cpu(), loss_trace=trace,
+            closures=closures, status=status, seconds=time.perf_counter() - t0, final_loss=final,
+            snapshots={k: v.reshape(len(batch.lanes), B, *batch.image_shape) for k, v in snaps.items()},
+        )
+
+    def _run_batched(self, batch, fixed, progress, snapshot_steps):
+        params, targets, fixed = self._stack(batch, fixed)
+        objective = self._objective(batch)
+        n = len(batch.lanes)
+
+        def closure(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+            k = idx.numel()
+            size = bucket_size(k, n)
+            if size > k:  # pad with copies of a running lane so compiled shapes stay few
+                idx = torch.cat([idx, idx[:1].expand(size - k)])
+                z = torch.cat([z, z[:1].expand(size - k, -1)])
+            g, f = objective(z, {kk: v[idx] for kk, v in params.items()},
+                             {kk: v[idx] for kk, v in targets.items()}, fixed[idx])
+            return f[:k], g[:k]
+
+        n_img = batch.batch_size * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
+        state = {"last": 0}
+
+        def on_round(steps: Tensor) -> None:
+            lo = int(steps.min())
+            if progress is not None and lo > state["last"]:
+                progress(lo - state["last"])
+                state["last"] = lo
+
+        res = BatchedLBFGS(self.lbfgs).run(closure, self.initial_point(batch), on_round=on_round,
+                                           snapshot_steps=snapshot_steps)
+        snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
+        return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps
+
+    def _run_serial(self, batch, fixed, progress, snapshot_steps):
+        """The reference code: one lane at a time, nn.Module autograd, ``torch.optim.LBFGS``."""
+        s = self.lbfgs
+        B, C, shape = batch.batch_size, batch.num_classes, batch.image_shape
+        n_img = B * shape[0] * shape[1] * shape[2]
+        z0 = self.initial_point(batch)
+        xs, statuses, closures, traces, finals = [], [], [], [], []
+        snaps: dict[int, list[Tensor]] = {k: [] for k in snapshot_steps}
+        model = batch.model.to(batch.device, self.dtype)
+        for lane_i, ln in enumerate(batch.lanes):
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(ln.params[k])
+            targets = [ln.target_grads[k].to(batch.device, self.dtype) for k, _ in model.named_parameters()]
+            dummy = z0[lane_i, :n_img].reshape(B, *shape).clone().requires_grad_(True)
+            variables = [dummy]
+            if self.label == "soft":
+                dummy_label = z0[lane_i, n_img:].reshape(B, C).clone().requires_grad_(True)
+                variables.append(dummy_label)
+            opt = torch.optim.LBFGS(variables, lr=s.lr, max_iter=s.max_iter, max_eval=s.max_eval,
+                                    tolerance_grad=s.tolerance_grad, tolerance_change=s.tolerance_change,
+                                    history_size=s.history_size)
+            count = [0]
+            probs_fixed = F.one_hot(fixed[lane_i], C).to(self.dtype)
+
+            def closure():
+                opt.zero_grad()
+                probs = F.softmax(variables[1], dim=-1) if self.label == "soft" else probs_fixed
+                loss = soft_cross_entropy(model(dummy), probs)
+                dy_dx = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+                diff = sum(((gx - gy) ** 2).sum() for gx, gy in zip(dy_dx, targets))
+                diff.backward()
+                count[0] += 1
+                return diff
+
+            trace = torch.full((s.steps,), float("nan"))
+            status = "budget"
+            for step in range(s.steps):
+                if step in snaps:
+                    snaps[step].append(dummy.detach().cpu().flatten().clone())
+                loss = float(opt.step(closure))
+                trace[step] = loss
+                if not torch.isfinite(torch.tensor(loss)):
+                    status = "diverged"
+                    break
+            for k in snaps:
+                if len(snaps[k]) <= lane_i:
+                    snaps[k].append(dummy.detach().cpu().flatten().clone())
+            if progress is not None:
+                progress(s.steps)
+            z = torch.cat([v.detach().flatten() for v in variables]).cpu()
+            xs.append(z)
+            statuses.append(status)
+            closures.append(count[0])
+            traces.append(trace)
+            finals.append(trace[~trace.isnan()][-1] if (~trace.isnan()).any() else torch.tensor(float("nan")))
+        return (torch.stack(xs), statuses, torch.tensor(closures), torch.stack(traces), torch.stack(finals),
+                {k: torch.stack(v) for k, v in snaps.items()})
+
+
+_OBJECTIVES: dict[tuple, Callable] = {}
+
+
+def bucket_size(running: int, lanes: int) -> int:
+    """Closure batch size for ``running`` of ``lanes`` lanes: lanes, lanes/2, lanes/4 or lanes/8.
+
+    Stopped lanes drop out of the computation, but each new shape costs a compilation, so
+    running lanes are padded up to one of four sizes.
+    """
+    size = lanes
+    for _ in range(3):
+        half = -(-size // 2)
+        if running > half:
+            break
+        size = half
+    return size
+
+
+def compile_objective(fn: Callable) -> Callable:
+    """``torch.compile`` the batched objective; fall back to eager (same results) if compiling fails.
+
+    Set ``DLG_BENCH_COMPILE=0`` to force eager. Shapes are static (faster code); see
+    :func:`bucket_size` for how the number of shapes is bounded.
+    """
+    if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
+        return fn
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    compiled = torch.compile(fn, dynamic=False)
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}); running the attack eagerly",
+                          stacklevel=2)
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
+
+
+def _make(label: str, name: str):
+    def make(*, steps: int = 300, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+             tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, engine: str = "compiled",
+             dtype: str = "float32") -> DLGAttack:
+        if engine not in ENGINES:
+            raise UserError(f"attack.engine: unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+        for key, val in (("steps", steps), ("max_iter", max_iter), ("history_size", history_size)):
+            if not isinstance(val, int) or val < 1:
+                raise UserError(f"attack.{key}: must be a positive integer, got {val!r}")
+        if not lr > 0:
+            raise UserError(f"attack.lr: must be > 0, got {lr!r}")
+        if dtype not in ("float32", "float64"):
+            raise UserError(f"attack.dtype: must be float32 or float64, got {dtype!r}")
+        settings = LBFGSSettings(steps=steps, lr=lr, max_iter=max_iter, history_size=history_size,
+                                 tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
+        return DLGAttack(name=name, label=label, lbfgs=settings, engine=engine, dtype=getattr(torch, dtype))
+
+    return make
+
+
+_DEFAULTS = {"steps": 300, "lr": 1.0, "max_iter": 20, "history_size": 100, "tolerance_grad": 1e-7,
+             "tolerance_change": 1e-9, "engine": "compiled", "dtype": "float32"}
+ATTACKS.register("dlg", AttackKind("dlg", "DLG: joint image + soft-label L-BFGS gradient matching",
+                                   _make("soft", "dlg"), _DEFAULTS))
+ATTACKS.register("idlg", AttackKind("idlg", "iDLG: label from the last layer's gradient, then DLG on the image",
+                                    _make("idlg", "idlg"), _DEFAULTS))

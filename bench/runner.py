@@ -1,0 +1,260 @@
+"""Matrix runner: cells -> work units -> executor -> records in the store.
+
+A work unit holds whole cells that share dataset, model, attack and victim batch size,
+so their lanes (one per victim batch) run as one batched attack. The driver alone
+writes the store; workers return results.
+
+Random numbers, all derived from the cell's replicate ``seed`` by hashing, never the
+global RNG:
+* ``lane_seed`` = f(seed, dataset, model, victim image indices): the victim model's
+  weights and the attack's dummy initialisation. It does not depend on the defense,
+  so every defense of a dataset faces the same model from the same start (common
+  random numbers: defense comparisons are paired).
+* the defense's noise generator = f(lane_seed, defense, strength).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks import ATTACKS, AttackBatch, Lane
+from attacks.dlg import victim_gradient
+from bench.config import Cell, Preset
+from bench.data import available, load_images
+from bench.metrics import score_images
+from bench.models import build_model
+from bench.store import Store, atomic_write_json
+from defenses import DEFENSES, make_defense
+
+EMBEDDED = ("digits", "lfw-faces")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts (stable across processes and platforms)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "git_rev": rev or "unknown"}
+
+
+@dataclass
+class Unit:
+    cells: list[Cell]
+    data_root: str
+    device: str
+    engine: str | None
+    snapshot_steps: tuple[int, ...] = ()
+
+    @property
+    def lanes(self) -> int:
+        return sum(c.images for c in self.cells)
+
+
+def plan_units(cells: list[Cell], lanes_per_unit: int) -> list[list[Cell]]:
+    """Group cells by (dataset, model, attack, settings, batch size); pack whole cells up to the lane budget."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        key = (c.dataset, c.model, c.attack, tuple(sorted(c.attack_settings.items())), c.batch_size,
+               c.image_size, c.images, c.image_seed)
+        groups.setdefault(key, []).append(c)
+    units = []
+    for group in groups.values():
+        cur: list[Cell] = []
+        for c in group:
+            if cur and sum(x.images for x in cur) + c.images > lanes_per_unit:
+                units.append(cur)
+                cur = []
+            cur.append(c)
+        if cur:
+            units.append(cur)
+    return units
+
+
+def resolve_datasets(preset: Preset, wanted: list[str], root: Path, download: bool) -> tuple[list[str], list[str]]:
+    """Which datasets to run, and notices for the report. Applies the preset's missing-data policy."""
+    notices: list[str] = []
+    present = [d for d in wanted if available(d, root) or (download and _try_download(d, root))]
+    missing = [d for d in wanted if d not in present]
+    if not missing:
+        return present, notices
+    if preset.on_missing_data == "error":
+        load_images(missing[0], count=1, root=root, download=download)  # raises the one-line error
+    if present or preset.on_missing_data == "skip":
+        notices.append(f"Skipped datasets not found under {root}: {', '.join(missing)}.")
+        return present, notices
+    notices.append(f"None of the datasets {', '.join(missing)} was found under {root} (and none could be "
+                   f"downloaded); this run used the embedded real datasets {', '.join(EMBEDDED)} instead. "
+                   "Point --data-root or DLG_BENCH_DATA at the data for the card's datasets.")
+    return list(EMBEDDED), notices
+
+
+def _try_download(name: str, root: Path) -> bool:
+    from bench.errors import UserError
+
+    try:
+        load_images(name, count=1, root=root, download=True)
+        return True
+    except UserError:
+        return False
+
+
+def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> list[dict]:
+    """Run every cell of a unit as one batched attack; return one result dict per cell."""
+    first = unit.cells[0]
+    B, n_img = first.batch_size, first.images
+    data = load_images(first.dataset, count=n_img * B, seed=first.image_seed, size=first.image_size,
+                       channels=3, root=unit.data_root)
+    C = data.num_classes
+    device = torch.device(unit.device)
+    settings = dict(first.attack_settings)
+    if unit.engine:
+        settings["engine"] = unit.engine
+    attack = ATTACKS.get(first.attack).make(**settings)
+    arch = build_model(first.model, num_classes=C, channels=3, size=first.image_size)
+    lanes: list[Lane] = []
+    lane_info: list[tuple[Cell, int, int]] = []
+    victims = {}
+    for i in range(n_img):
+        imgs = data.images[i * B:(i + 1) * B]
+        labels = data.labels[i * B:(i + 1) * B]
+        indices = data.indices[i * B:(i + 1) * B]
+        for cell in unit.cells:
+            lane_seed = derive_seed(cell.seed, cell.dataset, cell.model, *indices)
+            if lane_seed not in victims:
+                model = build_model(cell.model, num_classes=C, channels=3, size=cell.image_size,
+                                    generator=torch.Generator().manual_seed(lane_seed))
+                params = {k: v.detach() for k, v in model.named_parameters()}
+                victims[lane_seed] = (params, victim_gradient(arch, params, imgs, labels, C))
+            params, clean = victims[lane_seed]
+            defense = make_defense(cell.defense, cell.strength)
+            gen = torch.Generator().manual_seed(derive_seed(lane_seed, cell.defense, cell.strength))
+            shared = dict(zip(clean, defense(list(clean.values()), generator=gen)))
+            lanes.append(Lane(params=params, target_grads=shared, seed=derive_seed(lane_seed, "dummy")))
+            lane_info.append((cell, i, lane_seed))
+    # Lanes are image-major above; regroup cell-major so each cell's lanes are contiguous.
+    order = sorted(range(len(lanes)), key=lambda k: (unit.cells.index(lane_info[k][0]), lane_info[k][1]))
+    lanes = [lanes[k] for k in order]
+    lane_info = [lane_info[k] for k in order]
+    batch = AttackBatch(model=arch, image_shape=(3, first.image_size, first.image_size), num_classes=C,
+                        batch_size=B, lanes=lanes, device=device)
+    total_steps = attack.lbfgs.steps
+    tick = (lambda k: progress(k * len(lanes) / total_steps)) if progress else None
+    result = attack(batch, progress=tick, snapshot_steps=unit.snapshot_steps)
+    seconds_per_lane = result.seconds / len(lanes)
+    vers = versions()
+    out = []
+    for cell in unit.cells:
+        rows, origs, recs, snaps = [], [], [], {k: [] for k in result.snapshots}
+        for lane_k, (lane_cell, i, lane_seed) in enumerate(lane_info):
+            if lane_cell is not cell:
+                continue
+            orig = data.images[i * B:(i + 1) * B]
+            labels = data.labels[i * B:(i + 1) * B]
+            rec = result.reconstructions[lane_k]
+            scores = score_images(orig.numpy(), rec.numpy(), labels.tolist(), result.labels[lane_k].tolist())
+            kind = DEFENSES.get(cell.defense)
+            for slot, sc in enumerate(scores):
+                rows.append({
+                    "cell_id": cell.cell_id, "dataset": cell.dataset, "dataset_origin": data.origin,
+                    "model": cell.model, "attack": cell.attack, "engine": settings.get("engine", ""),
+                    "defense": cell.defense, "family": kind.family, "parameter": kind.parameter,
+                    "strength": cell.strength, "defense_label": make_defense(cell.defense, cell.strength).label,
+                    "batch_size": B, "image": int(data.indices[i * B + slot]), "slot": slot,
+                    "seed": cell.seed, "lane_seed": lane_seed, **{k: float(v) for k, v in sc.items()},
+                    "status": result.status[lane_k], "closures": int(result.closures[lane_k]),
+                    "steps_run": int((~torch.isnan(result.loss_trace[lane_k])).sum()),
+                    "final_loss": float(result.final_loss[lane_k]), "seconds": seconds_per_lane,
+                    "num_classes": C, **vers, "device": str(device),
+                })
+            origs.append(_to_uint8(orig))
+            recs.append(_to_uint8(rec))
+            for k in snaps:
+                snaps[k].append(_to_uint8(result.snapshots[k][lane_k]))
+        arrays = {"originals": np.stack(origs), "reconstructions": np.stack(recs),
+                  "loss_trace": np.stack([result.loss_trace[k].numpy() for k, (c, _, _) in enumerate(lane_info)
+                                          if c is cell])}
+        arrays.update({f"snap_{k}": np.stack(v) for k, v in snaps.items()})
+        out.append({"cell_id": cell.cell_id, "spec": cell.spec(), "records": rows, "arrays": arrays,
+                    "meta": {"unit_lanes": len(lanes), "unit_seconds": result.seconds}})
+    return out
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.detach().float().clamp(0, 1).nan_to_num(0.5) * 255).round().to(torch.uint8).numpy()
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_unit_in_worker(unit: Unit) -> list[dict]:
+    return run_unit(unit)
+
+
+def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, workers: int, lanes: int,
+            device: str, engine: str | None, notices: list[str], datasets: list[str],
+            snapshot_steps: tuple[int, ...] = (), quiet: bool = False) -> dict:
+    """Run the cells not yet in the store; return a summary."""
+    from tqdm import tqdm
+
+    store = Store(out)
+    todo = [c for c in cells if not store.done(c.cell_id)]
+    skipped = len(cells) - len(todo)
+    run_info = {"preset": preset.name, "description": preset.description,
+                "success": {"metric": preset.success.metric, "threshold": preset.success.threshold},
+                "notices": notices, "datasets": datasets, "data_root": str(data_root),
+                "cells": len(cells), "command": " ".join(sys.argv), **versions()}
+    atomic_write_json(out / "run.json", run_info)
+    units = [Unit(u, str(data_root), device, engine, snapshot_steps) for u in plan_units(todo, lanes)]
+    total = sum(u.lanes for u in units)
+    started = time.perf_counter()
+    bar = tqdm(total=total, unit="attack", disable=quiet or total == 0, file=sys.stderr, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total} attacks [{elapsed}<{remaining}]")
+
+    def save(results: list[dict]) -> None:
+        for r in results:
+            for row in r["records"]:
+                row["preset"] = preset.name
+                row["success"] = bool(preset.success.success(row))
+            store.write_cell(r["cell_id"], r["spec"], r["records"], r["meta"], r["arrays"])
+
+    if workers <= 1:
+        for u in units:
+            before = bar.n
+            save(run_unit(u, progress=bar.update))
+            bar.update(before + u.lanes - bar.n)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_unit_in_worker, u): u for u in units}
+            for fut in as_completed(futures):
+                save(fut.result())
+                bar.update(futures[fut].lanes)
+    bar.close()
+    return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "units": len(units),
+            "seconds": time.perf_counter() - started}
