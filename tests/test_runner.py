@@ -1,0 +1,201 @@
+"""The matrix runner and CLI end to end: presets, cell ids, bad input, resume after SIGKILL, reports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.config import load_preset, parse_only, select
+from bench.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "presets" / "tiny.toml")
+METRIC_COLS = ["cell_id", "dataset", "defense", "strength", "image", "mse", "psnr", "ssim", "label_acc", "status",
+               "closures", "success"]
+
+
+def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DLG_BENCH_COMPILE": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, **kw)
+
+
+# -- presets and cells --------------------------------------------------------------------------------------
+
+def test_every_shipped_preset_loads_and_covers_every_family():
+    from defenses import DEFENSES
+
+    families = {DEFENSES.get(n).family for n in DEFENSES.names()}
+    for name in ("smoke", "default"):
+        p = load_preset(name)
+        assert {DEFENSES.get(d).family for d, _ in p.defenses} == families
+        assert set(p.datasets) == {"mnist", "cifar10", "cifar100", "svhn", "lfw"}
+    assert load_preset("default").attacks["dlg"]["steps"] == 300
+
+
+def test_cell_id_is_stable_and_tracks_the_spec():
+    cells = load_preset(TINY).cells()
+    ids = [c.cell_id for c in cells]
+    assert len(set(ids)) == len(ids) == 2 * 4
+    assert ids == [c.cell_id for c in load_preset(TINY).cells()]
+    c = cells[0]
+    other = type(c)(**{**c.__dict__, "attack_settings": {**c.attack_settings, "steps": 4}})
+    assert other.cell_id != c.cell_id
+    engine_only = type(c)(**{**c.__dict__, "attack_settings": {**c.attack_settings, "engine": "compiled"}})
+    assert engine_only.cell_id == c.cell_id  # execution detail, same results up to rounding
+
+
+def test_only_filters_cells():
+    cells = load_preset(TINY).cells()
+    picked = select(cells, parse_only(["defense=none,int8", "dataset=digits"]))
+    assert {(c.dataset, c.defense) for c in picked} == {("digits", "none"), ("digits", "int8")}
+    assert [c.strength for c in select(cells, parse_only(["strength=0.001"]))] == [1e-3, 1e-3]
+    assert {c.defense for c in select(cells, parse_only(["family=sparsity"]))} == {"prune"}
+    with pytest.raises(UserError, match="allowed: dataset"):
+        parse_only(["colour=red"])
+
+
+BAD_PRESETS = [
+    ("datasets = ['mnist', 'imagenet']", "unknown dataset 'imagenet'; allowed:"),
+    ("[defenses]\ngaussian = [-1.0]", "variance must be > 0"),
+    ("[defenses]\nprune = [150]", "sparsity must be in [0, 100)"),
+    ("[defenses]\nnoise = [0.1]", "unknown defense 'noise'; allowed:"),
+    ("[attacks.dlg]\nstepz = 3", "attacks.dlg.stepz: unknown setting"),
+    ("images = 0", "images: must be a positive integer"),
+    ("colour = 'red'", "colour: unknown key"),
+    ("datasets = [", "malformed TOML"),
+]
+
+
+def _write_bad(tmp_path: Path, patch: str) -> Path:
+    base = {
+        "head": "datasets = ['digits']\nmodels = ['lenet-dlg']\nsuccess = { metric = 'mse', threshold = 1e-3 }\n",
+        "att": "[attacks.dlg]\nsteps = 1\n",
+        "def": "[defenses]\nnone = true\n",
+    }
+    if patch.startswith("datasets"):
+        base["head"] = base["head"].replace("datasets = ['digits']", patch)
+    elif patch.startswith("[defenses]"):
+        base["def"] = patch + "\n"
+    elif patch.startswith("[attacks"):
+        base["att"] = patch + "\n"
+    else:
+        base["head"] = patch + "\n" + base["head"]
+    path = tmp_path / "bad.toml"
+    path.write_text(base["head"] + base["att"] + base["def"])
+    return path
+
+
+@pytest.mark.parametrize(("patch", "message"), BAD_PRESETS)
+def test_bad_preset_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, patch, message):
+    path = _write_bad(tmp_path, patch)
+    out = tmp_path / "out"
+    code = main(["run", "--preset", str(path), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--preset", "nosuch"], "unknown preset 'nosuch'; allowed: default"),
+    (["run", "--preset", TINY, "--only", "colour=red"], "--only colour: unknown key"),
+    (["run", "--preset", TINY, "--only", "dataset=mnist"], "not in preset"),
+    (["run", "--preset", TINY, "--only", "defense=laplacian"], "selects no cell"),
+    (["report", "--out", "/nonexistent/x"], "does not exist"),
+])
+def test_bad_cli_input_is_one_line_exit_2(tmp_path, capsys, args, message):
+    assert main([*args, "--out", str(tmp_path / "o")] if args[0] == "run" else args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_missing_data_error_names_dataset_and_root(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text(Path(TINY).read_text().replace('["digits", "lfw-faces"]', '["svhn"]'))
+    r = _run_cli(["run", "--preset", str(preset), "--data-root", str(tmp_path / "empty"), "--out",
+                  str(tmp_path / "o"), "--quiet"])
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "svhn" in line and str(tmp_path / "empty") in line
+    assert not (tmp_path / "o").exists()
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+
+def test_run_writes_records_report_and_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--preset", TINY, "--out", str(out), "--quiet"]) == 0
+    assert "8 cells run, 0 already stored" in capsys.readouterr().out
+    rec = pd.read_csv(out / "records.csv")
+    assert len(rec) == 8 * 2
+    assert set(rec.dataset) == {"digits", "lfw-faces"}
+    assert rec.groupby("cell_id").size().eq(2).all()
+    # Paired design: every defense of an image attacks the same model from the same start.
+    assert rec.groupby(["dataset", "image"]).lane_seed.nunique().eq(1).all()
+    for f in ("summary.md", "tables/leakage.md", "figures/leakage_vs_strength.png", "figures/reconstructions.pdf"):
+        assert (out / f).stat().st_size > 0
+    assert main(["run", "--preset", TINY, "--out", str(out), "--quiet"]) == 0
+    assert "0 cells run, 8 already stored" in capsys.readouterr().out
+
+
+def test_killed_run_resumes_to_the_same_table(tmp_path):
+    """SIGKILL mid-run, rerun: nothing finished is lost and the table equals an uninterrupted run's."""
+    args = ["run", "--preset", TINY, "--lanes", "2", "--quiet", "--no-report"]
+    full = tmp_path / "full"
+    assert _run_cli([*args, "--out", str(full)]).returncode == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "DLG_BENCH_COMPILE": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args, "--out", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "cells").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((killed / "cells").glob("*.json")))
+    assert 2 <= done_before < 8, "the kill should land mid-run"
+    r = _run_cli([*args, "--out", str(killed)])
+    assert r.returncode == 0, r.stderr
+    assert f"{8 - done_before} cells run, {done_before} already stored" in r.stdout
+    assert main(["report", "--out", str(full)]) == 0
+    assert main(["report", "--out", str(killed)]) == 0
+    a = pd.read_csv(full / "records.csv")[METRIC_COLS]
+    b = pd.read_csv(killed / "records.csv")[METRIC_COLS]
+    pd.testing.assert_frame_equal(a, b)
+    assert (full / "tables" / "leakage.md").read_bytes() == (killed / "tables" / "leakage.md").read_bytes()
+
+
+def test_embedded_fallback_is_announced_never_silent(tmp_path):
+    out = tmp_path / "out"
+    preset = tmp_path / "p.toml"
+    preset.write_text(Path(TINY).read_text().replace('["digits", "lfw-faces"]', '["mnist", "lfw"]')
+                      .replace('"error"', '"embedded"').replace("gaussian = [1e-3]\n", "")
+                      .replace("int8 = true\n", "").replace("prune = [50]\n", ""))
+    r = _run_cli(["run", "--preset", str(preset), "--data-root", str(tmp_path / "empty"), "--out", str(out),
+                  "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert "embedded" in r.stderr
+    assert set(pd.read_csv(out / "records.csv").dataset) == {"digits", "lfw-faces"}
+    summary = (out / "summary.md").read_text()
+    assert summary.index("embedded") < summary.index("|")  # the notice comes before any table
+
+
+def test_smoke_preset_on_real_data(tmp_path, data_root, capsys):
+    """Every card dataset and defense family through the whole pipeline on the real files."""
+    out = tmp_path / "smoke"
+    assert main(["run", "--preset", "smoke", "--data-root", str(data_root), "--out", str(out), "--quiet"]) == 0
+    rec = pd.read_csv(out / "records.csv")
+    assert set(rec.dataset) == {"mnist", "cifar10", "cifar100", "svhn", "lfw"}
+    assert set(rec.family) == {"none", "noise", "precision", "sparsity"}
+    assert rec.dataset_origin.str.contains(str(data_root)).all()
+    assert rec[["mse", "ssim", "psnr"]].notna().all().all()
