@@ -18,6 +18,7 @@ def _default_out(preset: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from bench.accuracy import JOB_ONLY_KEYS, accuracy_jobs, pending_jobs, resolve_training_datasets, run_accuracy
     from bench.config import load_preset, parse_only, select
     from bench.data import resolve_data_root
     from bench.runner import execute, resolve_datasets
@@ -37,6 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--only dataset={','.join(sorted(only['dataset']))}: not in preset {preset.name!r} "
                         f"(its datasets: {', '.join(preset.datasets)})")
     datasets, notices = resolve_datasets(preset, wanted, root, args.download)
+    train_sets, train_notices = resolve_training_datasets(preset, root)  # ([], []) without [training]
+    notices += train_notices
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
     cells = select(preset.cells(datasets), {k: v for k, v in only.items() if k != "dataset"})
@@ -45,23 +48,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args.preset)
     summary = execute(preset, cells, out=out, data_root=root, workers=args.workers, lanes=args.lanes,
                       device=device, engine=args.engine, notices=notices, datasets=datasets,
-                      quiet=args.quiet)
+                      snapshot_steps=preset.snapshot_steps, quiet=args.quiet)
     print(f"{summary['ran']} cells run, {summary['skipped']} already stored, "
           f"{summary['seconds']:.0f} s; results in {out}")
+    jobs = select(accuracy_jobs(preset, train_sets), {k: v for k, v in only.items() if k in JOB_ONLY_KEYS})
+    if jobs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending_jobs(jobs, out)), unit="job", disable=args.quiet, file=sys.stderr)
+        acc = run_accuracy(jobs, out=out, data_root=root, device=device, progress=lambda x: bar.update(x - bar.n))
+        bar.close()
+        print(f"{acc['ran']} accuracy jobs run, {acc['skipped']} already stored, {acc['seconds']:.0f} s")
     if not args.no_report:
         return cmd_report(argparse.Namespace(out=str(out)))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.report import write_report
+    from bench.accuracy import collect_accuracy
+    from bench.report import collect_records, read_run_info, write_report
+    from bench.reproduction import write_reproduction
 
     out = Path(args.out) if args.out else None
     if out is None:
         raise UserError("report: --out DIR is required (the folder a run wrote)")
     if not out.is_dir():
         raise UserError(f"report: {out} does not exist; run `python -m bench run --out {out}` first")
-    for p in write_report(out):
+    paths = write_report(out)
+    paths += write_reproduction(out, collect_records(out), collect_accuracy(out), read_run_info(out))
+    for p in paths:
         print(p)
     return 0
 

@@ -44,7 +44,7 @@ from defenses import DEFENSES, make_defense
 PRESET_DIR = Path(__file__).parent / "presets"
 MISSING_POLICIES = ("error", "skip", "embedded")
 _KEYS = {"description", "datasets", "models", "images", "image_seed", "seeds", "batch_sizes",
-         "on_missing_data", "success", "attacks", "defenses", "image_size", "training"}
+         "on_missing_data", "success", "attacks", "defenses", "image_size", "training", "snapshot_steps"}
 ONLY_KEYS = ("dataset", "model", "attack", "defense", "family", "strength", "batch_size", "seed")
 
 
@@ -95,6 +95,7 @@ class Preset:
     success: SuccessRule
     image_size: int = 32
     training: dict[str, Any] = field(default_factory=dict)
+    snapshot_steps: tuple[int, ...] = ()  # optimizer steps at which reconstructions are kept (figures)
 
     def cells(self, datasets: list[str] | None = None) -> list[Cell]:
         out = []
@@ -202,10 +203,13 @@ def parse_preset(raw: dict[str, Any], *, name: str, where: str) -> Preset:
     training = raw.get("training", {})
     if not isinstance(training, dict):
         raise _err(where, "training", "must be a table")
+    snaps = raw.get("snapshot_steps", [])
+    if not isinstance(snaps, list) or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in snaps):
+        raise _err(where, "snapshot_steps", f"must be a list of step numbers >= 0, got {snaps!r}")
     return Preset(name=name, description=str(raw.get("description", "")), datasets=datasets, models=models,
                   attacks=attacks, defenses=defenses, images=images, image_seed=image_seed, seeds=seeds,
                   batch_sizes=batch_sizes, on_missing_data=policy, success=success, image_size=image_size,
-                  training=training)
+                  training=training, snapshot_steps=tuple(sorted(set(snaps))))
 
 
 def parse_only(items: list[str] | None) -> dict[str, set[str]]:
