@@ -72,17 +72,19 @@ class DLGAttack:
 
     # -- the per-lane objective ------------------------------------------------------
     def _lane_objective(self, batch: AttackBatch) -> Callable:
+        """The generic batched objective: vmap over lanes of autograd's grad of grad, any model.
+
+        (z [n, Dz], params, targets, fixed_probs [n, B, C]) -> (dD/dz [n, Dz], D [n]); for DLG the
+        label probabilities come from z and ``fixed_probs`` is unused.
+        """
         model, shape, B, C = batch.model, batch.image_shape, batch.batch_size, batch.num_classes
         n_img = B * shape[0] * shape[1] * shape[2]
         names = list(batch.lanes[0].params)
         idlg = self.label == "idlg"
 
-        def objective(z: Tensor, params: dict, targets: dict, fixed_label: Tensor) -> Tensor:
+        def objective(z: Tensor, params: dict, targets: dict, fixed_probs: Tensor) -> Tensor:
             x = z[:n_img].reshape(B, *shape)
-            if idlg:
-                probs = F.one_hot(fixed_label, C).to(z.dtype)
-            else:
-                probs = F.softmax(z[n_img:].reshape(B, C), dim=-1)
+            probs = fixed_probs if idlg else F.softmax(z[n_img:].reshape(B, C), dim=-1)
 
             def loss(p):
                 return soft_cross_entropy(functional_call(model, p, (x,)), probs)
@@ -102,11 +104,12 @@ class DLGAttack:
         return _OBJECTIVES[key]
 
     def _stack(self, batch: AttackBatch, fixed_labels: Tensor):
+        """Lane-stacked weights, targets and (iDLG) one-hot label probabilities, on the device."""
         dev, dt = batch.device, self.dtype
         params = {k: torch.stack([ln.params[k] for ln in batch.lanes]).to(dev, dt) for k in batch.lanes[0].params}
         targets = {k: torch.stack([ln.target_grads[k] for ln in batch.lanes]).to(dev, dt)
                    for k in batch.lanes[0].target_grads}
-        return params, targets, fixed_labels.to(dev)
+        return params, targets, F.one_hot(fixed_labels, batch.num_classes).to(dev, dt)
 
     def initial_point(self, batch: AttackBatch) -> Tensor:
         """Per lane: dummy image ~ N(0,1) then (DLG) label logits ~ N(0,1), from the lane's seed."""
@@ -159,6 +162,9 @@ class DLGAttack:
 
         def closure(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
             k = idx.numel()
+            if k == n:  # idx is sorted: all lanes, in order; no need to gather the weights
+                g, f = objective(z, params, targets, fixed)
+                return f, g
             size = bucket_size(k, n)
             if size > k:  # pad with copies of a running lane so compiled shapes stay few
                 idx = torch.cat([idx, idx[:1].expand(size - k)])
@@ -176,8 +182,8 @@ class DLGAttack:
                 progress(lo - state["last"])
                 state["last"] = lo
 
-        res = BatchedLBFGS(self.lbfgs).run(closure, self.initial_point(batch), on_round=on_round,
-                                           snapshot_steps=snapshot_steps)
+        optimizer = BatchedLBFGS(self.lbfgs, compile=self.engine == "compiled")
+        res = optimizer.run(closure, self.initial_point(batch), on_round=on_round, snapshot_steps=snapshot_steps)
         snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
         return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps
 
@@ -216,12 +222,12 @@ class DLGAttack:
                 count[0] += 1
                 return diff
 
-            trace = torch.full((s.steps,), float("nan"))
+            trace = torch.full((s.steps,), float("nan"), dtype=self.dtype)
             status = "budget"
             for step in range(s.steps):
                 if step in snaps:
                     snaps[step].append(dummy.detach().cpu().flatten().clone())
-                loss = float(opt.step(closure))
+                loss = float(opt.step(closure).detach())
                 trace[step] = loss
                 if not torch.isfinite(torch.tensor(loss)):
                     status = "diverged"
@@ -236,7 +242,8 @@ class DLGAttack:
             statuses.append(status)
             closures.append(count[0])
             traces.append(trace)
-            finals.append(trace[~trace.isnan()][-1] if (~trace.isnan()).any() else torch.tensor(float("nan")))
+            finite = trace[~trace.isnan()]
+            finals.append(finite[-1] if finite.numel() else torch.tensor(float("nan"), dtype=self.dtype))
         return (torch.stack(xs), statuses, torch.tensor(closures), torch.stack(traces), torch.stack(finals),
                 {k: torch.stack(v) for k, v in snaps.items()})
 

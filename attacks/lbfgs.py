@@ -9,11 +9,23 @@ per lane, so a lane's iterates equal those of a lone ``torch.optim.LBFGS`` run u
 float rounding.
 
 The direction ``d = -H g`` is the two-loop recursion's result computed in its
-equivalent matrix form (Byrd, Nocedal & Schnabel 1994): with the history's Gram
-products ``s_i.y_k`` and ``y_i.y_k`` kept up to date, each loop becomes one unit
-triangular solve of size <= history_size, so every round reads the [N, H, D] history
-twice with batched matrix products instead of running 2H dependent vector updates.
-Mathematically identical; rounding differs in the last bits.
+equivalent matrix form (Byrd, Nocedal & Schnabel 1994): with ``R = triu(S^T Y)`` and
+``Y^T Y`` kept up to date, the first loop is the triangular solve ``R a = -S^T g`` and
+the second ``R^T c = diag(R) a - H_diag (-Y^T g - Y^T Y a)``, and
+``d = -H_diag g - H_diag Y a + S c``. So every round reads each lane's [2H, D] history
+twice with batched matrix products (once for ``S^T g, Y^T g, S^T y, Y^T y``, once for
+``d``) instead of running 2H dependent vector updates. Mathematically identical;
+rounding differs in the last bits.
+
+Performance notes: a round is the closure, two batched products over the [N, 2H, D]
+history (pass 1 with a contiguous [N, 2, D] operand: with a [N, D, 2] one MKL takes a
+~3x slower path), and a few fixed-shape, mask-based tensor expressions over all lanes (no
+per-lane Python, one host sync per round). The small [H, H] matrices are kept in
+chronological order so the solves need no gathers, and the algebra between the passes
+runs under ``torch.compile``. Splitting the lanes into L3-sized chunks (so that pass 2
+re-reads the history from cache) was measured and does not pay on CPU: pass 1 is bound
+by BLAS's thin-matrix kernel rather than by DRAM, and the per-chunk call overhead eats
+the cache gain.
 
 One "round" evaluates the closure once for every running lane. Where the serial
 optimiser would call the closure, the lane waits for the next round; everything in
@@ -28,6 +40,8 @@ finite: the lane is frozen at its last finite iterate and never touches the othe
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +53,6 @@ STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", BUDGET: "budget", DI
 
 # A batched closure: (x [n, D], lane indices [n]) -> (loss [n], gradient [n, D]), lanes independent.
 BatchedClosure = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
 
 @dataclass(frozen=True)
 class LBFGSSettings:
@@ -75,91 +88,132 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _History:
-    """Per-lane ring buffers of the last H pairs (s, y) and their Gram products.
+    """Every lane's last H pairs (s, y), and their small Gram matrices.
 
-    S and Y share one [N, 2H, D] buffer so that each round reads the history exactly
-    twice: once for all dot products (with g and the new pair), once for ``d``.
+    ``buf`` is a ring buffer by slot: rows [0, H) hold s, rows [H, 2H) hold y, so one
+    batched product reads S and Y together. ``R`` (= triu(S^T Y), diagonal y_i.s_i) and
+    ``YY`` (= Y^T Y) are kept by chronological position (oldest first), shifted by one when
+    the oldest pair is evicted: the solves need them in exactly this layout. Unused
+    positions hold R = identity, YY = 0, which makes their coefficients exactly 0.
     """
 
     def __init__(self, n: int, H: int, dim: int, dt: torch.dtype, dev: torch.device):
         self.H = H
-        self.SYbuf = torch.zeros(n, 2 * H, dim, dtype=dt, device=dev)  # rows: old_stps, then old_dirs
-        self.SY = torch.zeros(n, H, H, dtype=dt, device=dev)  # SY[i, k] = s_i . y_k, by slot
+        self.buf = torch.zeros(n, 2 * H, dim, dtype=dt, device=dev)
+        self.R = torch.eye(H, dtype=dt, device=dev).repeat(n, 1, 1)
         self.YY = torch.zeros(n, H, H, dtype=dt, device=dev)
-        self.rho = torch.zeros(n, H, dtype=dt, device=dev)
         self.len = torch.zeros(n, dtype=torch.long, device=dev)
         self.start = torch.zeros(n, dtype=torch.long, device=dev)  # slot of the oldest pair
+        self.lanes = torch.arange(n, device=dev)
 
-    def update_and_direction(self, g: Tensor, h_diag: Tensor, push: Tensor, s: Tensor, y: Tensor,
-                             ys: Tensor) -> Tensor:
+    def take(self, keep: Tensor) -> None:
+        """Keep only lanes ``keep`` (see the working set in :meth:`BatchedLBFGS.run`)."""
+        self.buf, self.R, self.YY = self.buf[keep], self.R[keep], self.YY[keep]
+        self.len, self.start = self.len[keep], self.start[keep]
+        self.lanes = torch.arange(keep.numel(), device=keep.device)
+
+    def push_and_direction(self, g: Tensor, s: Tensor, y: Tensor, dots_new: Tensor, push: Tensor,
+                           h_diag: Tensor, algebra: Callable) -> Tensor:
         """Append (s, y) for lanes ``push`` (torch's pop(0) when full), then return the two-loop
-        recursion's ``d = -H g`` for every lane. g, s, y: [N, D]; rows of non-pushing lanes of s, y
-        are ignored."""
-        H = self.H
-        n = g.shape[0]
-        dev, dt = g.device, g.dtype
-        dots = torch.bmm(self.SYbuf, torch.stack([g, y, s], 2))  # [N, 2H, 3], one pass
-        lanes = push.nonzero().squeeze(1)
-        Sg, Yg = dots[:, :H, 0], dots[:, H:, 0]
-        if lanes.numel():
-            sl, yl, gl = s[lanes], y[lanes], g[lanes]
-            full = self.len[lanes] == H
-            slot = (self.start[lanes] + self.len[lanes]) % H
-            self.SYbuf[lanes, slot] = sl
-            self.SYbuf[lanes, H + slot] = yl
-            self.rho[lanes, slot] = 1.0 / ys[lanes]
-            self.start[lanes] = torch.where(full, (self.start[lanes] + 1) % H, self.start[lanes])
-            self.len[lanes] = torch.where(full, self.len[lanes], self.len[lanes] + 1)
-            s_y = dots[lanes, :H, 1]  # s_i . y_new
-            y_s = dots[lanes, H:, 2]  # y_k . s_new
-            y_y = dots[lanes, H:, 1]  # y_k . y_new
-            ar = torch.arange(lanes.numel(), device=dev)
-            yy_new = _dot(yl, yl)
-            s_y[ar, slot] = ys[lanes]
-            y_s[ar, slot] = ys[lanes]
-            y_y[ar, slot] = yy_new
-            self.SY[lanes, :, slot] = s_y
-            self.SY[lanes, slot, :] = y_s
-            self.YY[lanes, :, slot] = y_y
-            self.YY[lanes, slot, :] = y_y
-            Sg[lanes, slot] = _dot(sl, gl)
-            Yg[lanes, slot] = _dot(yl, gl)
-        m = self.len
-        if int(m.max()) == 0:
-            return -g * h_diag[:, None]
-        pos = torch.arange(H, device=dev)
-        order = (self.start[:, None] + pos) % H  # chronological position -> slot
-        valid = pos[None, :] < m[:, None]
-        Sg, Yg = Sg.gather(1, order), Yg.gather(1, order)
-        rho = torch.where(valid, self.rho.gather(1, order), 0.0)
-        idx_r = order.unsqueeze(2).expand(n, H, H)
-        idx_c = order.unsqueeze(1).expand(n, H, H)
-        pair = valid[:, :, None] & valid[:, None, :]
-        SY = torch.where(pair, self.SY.gather(1, idx_r).gather(2, idx_c), 0.0)  # chronological s_i . y_k
-        YY = torch.where(pair, self.YY.gather(1, idx_r).gather(2, idx_c), 0.0)
-        eye = torch.eye(H, dtype=dt, device=dev).expand(n, H, H)
-        # First loop, newest to oldest: a_i = rho_i s_i.(-g - sum_{k>i} a_k y_k).
-        upper = eye + rho[:, :, None] * torch.triu(SY, 1)
-        a = torch.linalg.solve_triangular(upper, (-rho * Sg).unsqueeze(2), upper=True,
-                                          unitriangular=True).squeeze(2)
-        # r = H_diag q with q = -g - Y^T a; then oldest to newest:
-        # c_i = a_i - rho_i y_i.(r + sum_{k<i} c_k s_k).
-        yq = -Yg - torch.bmm(YY, a.unsqueeze(2)).squeeze(2)
-        lower = eye + rho[:, :, None] * torch.tril(SY.transpose(1, 2), -1)
-        c = torch.linalg.solve_triangular(lower, (a - rho * h_diag[:, None] * yq).unsqueeze(2),
-                                          upper=False, unitriangular=True).squeeze(2)
-        # d = H_diag (-g - Y^T a) + S^T c, coefficients back in slot order; one pass.
-        coef = torch.zeros(n, 2 * H, dtype=dt, device=dev)
-        coef[:, :H].scatter_(1, order, c)
-        coef[:, H:].scatter_(1, order, -a * h_diag[:, None])
-        return -g * h_diag[:, None] + torch.bmm(coef.unsqueeze(1), self.SYbuf).squeeze(1)
+        recursion's ``d = -H g`` for every lane. g, s, y: [n, D]; dots_new: [n, 4] =
+        (y.s, y.y, s.g, y.g)."""
+        H, buf, ar = self.H, self.buf, self.lanes
+        # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot.
+        # A contiguous [n, 2, D] operand, transposed, is the layout BLAS reads fastest.
+        dots = torch.bmm(buf, torch.stack([g, y], 1).transpose(1, 2))
+        coef, self.R, self.YY, self.start, self.len, slot = algebra(dots, self.R, self.YY, self.start, self.len,
+                                                                    dots_new, push, h_diag)
+        buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
+        buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
+        # Pass 2: d = -H_diag g - H_diag Y a + S c.
+        return torch.addcmul(torch.bmm(coef.unsqueeze(1), buf).squeeze(1), g, h_diag[:, None], value=-1)
+
+
+def _algebra(dots: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, dots_new: Tensor, push: Tensor,
+             h_diag: Tensor) -> tuple[Tensor, ...]:
+    """Everything of a round's direction between the two history passes, on [n, H, H] matrices.
+
+    Returns pass 2's coefficients [n, 2H] by slot, the updated R, YY, start, len, and the slot
+    that receives the new pair. Pure and fixed-shape, so ``torch.compile`` fuses it.
+    """
+    H = R.shape[1]
+    pos = torch.arange(H, device=R.device)
+    ys, yy, sg, yg = dots_new.unbind(1)
+    full = length == H
+    evict = push & full
+    slot = (start + length) % H  # the free slot, or the oldest one when full
+    start = torch.where(evict, (start + 1) % H, start)
+    length = torch.where(push & ~full, length + 1, length)
+    order = (start[:, None] + pos) % H  # chronological position -> slot
+    Sg, Yg = dots[:, :H, 0].gather(1, order), dots[:, H:, 0].gather(1, order)
+    Sy, Yy = dots[:, :H, 1].gather(1, order), dots[:, H:, 1].gather(1, order)
+    # The new pair's position p: its slot held the evicted pair (or none) during pass 1.
+    p = (length - 1).clamp(min=0)
+    at_p = push[:, None] & (pos == p[:, None])
+    Sg = torch.where(at_p, sg[:, None], Sg)
+    Yg = torch.where(at_p, yg[:, None], Yg)
+    Yy = torch.where(at_p, yy[:, None], Yy)
+    ev = evict[:, None, None]
+    R = torch.where(ev, R.roll((-1, -1), (1, 2)), R)
+    YY = torch.where(ev, YY.roll((-1, -1), (1, 2)), YY)
+    # New column p of R: s_i.y_new above the diagonal, y_new.s_new on it. R's lower triangle
+    # (where the shift wraps stale values around) is never read.
+    col = torch.where(pos < p[:, None], Sy, torch.where(pos == p[:, None], ys[:, None], 0.0))
+    colp = at_p[:, None, :]
+    R = torch.where(colp, col[:, :, None], R)
+    YY = torch.where(colp, Yy[:, :, None], torch.where(at_p[:, :, None], Yy[:, None, :], YY))
+    # First loop, newest to oldest: a_i = rho_i s_i.(-g - sum_{k>i} a_k y_k)  <=>  R a = -S^T g.
+    a = torch.linalg.solve_triangular(R, -Sg.unsqueeze(2), upper=True)
+    # r = H_diag q, q = -g - Y a; then oldest to newest: c_i = a_i - rho_i y_i.(r + sum_{k<i} c_k s_k)
+    # <=>  R^T c = diag(R) a - H_diag Y^T q.
+    h = h_diag[:, None, None]
+    yq = -Yg.unsqueeze(2) - torch.bmm(YY, a)
+    c = torch.linalg.solve_triangular(R.mT, R.diagonal(0, 1, 2).unsqueeze(2) * a - h * yq, upper=False)
+    inv = (pos - start[:, None]) % H  # slot -> chronological position
+    coef = torch.cat([c.squeeze(2).gather(1, inv), (-h[:, :, 0] * a.squeeze(2)).gather(1, inv)], 1)
+    return coef, R, YY, start, length, slot
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_algebra() -> Callable:
+    """``_algebra`` under ``torch.compile`` (one fused kernel for the gathers, shifts and
+    updates around the two solves), falling back to eager, with a warning, if compiling or
+    running the compiled code fails. ``DLG_BENCH_COMPILE=0`` forces eager."""
+    if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
+        return _algebra
+    if "fn" not in _COMPILED:
+        # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once
+        # with a symbolic lane count instead of once per count.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        state = {"fn": torch.compile(_algebra, dynamic=None)}
+
+        def call(*args):
+            try:
+                return state["fn"](*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                if state["fn"] is _algebra:
+                    raise
+                warnings.warn(f"torch.compile of the L-BFGS update failed ({type(exc).__name__}); running it eagerly",
+                              stacklevel=2)
+                state["fn"] = _algebra
+                return _algebra(*args)
+
+        _COMPILED["fn"] = call
+    return _COMPILED["fn"]
 
 
 class BatchedLBFGS:
-    """Runs ``settings.steps`` L-BFGS steps on N lanes; see the module docstring."""
+    """Runs ``settings.steps`` L-BFGS steps on N lanes; see the module docstring.
 
-    def __init__(self, settings: LBFGSSettings = LBFGSSettings()):
+    ``compile``: run the small per-round algebra under ``torch.compile`` (see
+    :func:`compiled_algebra`); it changes speed only, and results only by float rounding.
+    """
+
+    def __init__(self, settings: LBFGSSettings = LBFGSSettings(), *, compile: bool = True):
         self.s = settings
+        self.compile = compile
 
     def run(
         self,
@@ -172,125 +226,144 @@ class BatchedLBFGS:
         """Optimise from ``x0`` [N, D]. ``on_round(steps_done)`` is called after every round with
         each lane's finished step count (``steps`` for stopped lanes)."""
         s = self.s
-        n, dim = x0.shape
+        N, dim = x0.shape
         dev, dt = x0.device, x0.dtype
+        # The working set: lanes still running, by global lane id. Stopped lanes cost nothing
+        # in a round except where they share the working set with running ones; once half of
+        # the set has stopped, it is compacted (lanes stop at very different steps on DLG).
+        act = torch.arange(N, device=dev)
         x = x0.detach().clone()
         x_ok = x.clone()
-        status = torch.full((n,), RUNNING, dtype=torch.long, device=dev)
-        it = torch.zeros(n, dtype=torch.long, device=dev)  # iteration inside the current step; 0 = step start
-        n_iter = torch.zeros(n, dtype=torch.long, device=dev)  # torch's state['n_iter']
-        evals = torch.zeros(n, dtype=torch.long, device=dev)  # current_evals in this step
-        steps = torch.zeros(n, dtype=torch.long, device=dev)
-        closures = torch.zeros(n, dtype=torch.long, device=dev)
-        loss = torch.zeros(n, dtype=dt, device=dev)
-        prev_loss = torch.zeros(n, dtype=dt, device=dev)
-        g = torch.zeros(n, dim, dtype=dt, device=dev)
-        prev_g = torch.zeros(n, dim, dtype=dt, device=dev)
-        d = torch.zeros(n, dim, dtype=dt, device=dev)
-        t = torch.zeros(n, dtype=dt, device=dev)
-        h_diag = torch.ones(n, dtype=dt, device=dev)
-        hist = _History(n, s.history_size, dim, dt, dev)
-        trace = torch.full((n, s.steps), float("nan"), dtype=dt, device=dev)
-        final_loss = torch.full((n,), float("nan"), dtype=dt, device=dev)
+        status = torch.full((N,), RUNNING, dtype=torch.long, device=dev)
+        it = torch.zeros(N, dtype=torch.long, device=dev)  # iteration inside the current step; 0 = step start
+        n_iter = torch.zeros(N, dtype=torch.long, device=dev)  # torch's state['n_iter']
+        evals = torch.zeros(N, dtype=torch.long, device=dev)  # current_evals in this step
+        steps = torch.zeros(N, dtype=torch.long, device=dev)
+        closures = torch.zeros(N, dtype=torch.long, device=dev)
+        loss = torch.zeros(N, dtype=dt, device=dev)
+        prev_loss = torch.zeros(N, dtype=dt, device=dev)
+        g = torch.zeros(N, dim, dtype=dt, device=dev)
+        prev_g = torch.zeros(N, dim, dtype=dt, device=dev)
+        d = torch.zeros(N, dim, dtype=dt, device=dev)
+        t = torch.zeros(N, dtype=dt, device=dev)
+        h_diag = torch.ones(N, dtype=dt, device=dev)
+        final_loss = torch.full((N,), float("nan"), dtype=dt, device=dev)
+        hist = _History(N, s.history_size, dim, dt, dev)
+        algebra = compiled_algebra() if self.compile else _algebra
+        # Results by global lane id: written back from the working set when it shrinks and at the end.
+        out = {"x": x.clone(), "status": status.clone(), "closures": closures.clone(), "steps": steps.clone(),
+               "final_loss": final_loss.clone()}
+        trace = torch.full((N, s.steps), float("nan"), dtype=dt, device=dev)
         rounds = 0
         snaps = {k: x.clone() for k in snapshot_steps}
-        snapped = {k: torch.full((n,), k == 0, dtype=torch.bool, device=dev) for k in snapshot_steps}
+        snapped = {k: torch.full((N,), k == 0, dtype=torch.bool, device=dev) for k in snapshot_steps}
 
-        def end_step(mask: Tensor) -> None:
-            steps[mask] += 1
-            it[mask] = 0
-            status[mask & (steps >= s.steps)] = BUDGET
-
-        def iterate(lanes: Tensor) -> None:
-            """The body of torch's ``while n_iter < max_iter`` loop, for ``lanes``."""
-            it[lanes] += 1
-            n_iter[lanes] += 1
-            first = n_iter[lanes] == 1
-            gl = g[lanes]
-            # Curvature pair from the previous iteration (not on a lane's very first iteration).
-            n_all = g.shape[0]
-            g_all = torch.zeros_like(g)
-            g_all[lanes] = gl
-            y = g_all - prev_g
-            st = d * t[:, None]
-            ys = _dot(y, st)
-            later = torch.zeros(n_all, dtype=torch.bool, device=g.device)
-            later[lanes[~first]] = True
-            push = later & (ys > 1e-10)
-            h_diag[push] = ys[push] / _dot(y[push], y[push])
-            dl = hist.update_and_direction(g_all, h_diag, push, st, y, ys)[lanes]
-            d[lanes] = dl
-            prev_g[lanes] = gl
-            prev_loss[lanes] = loss[lanes]
-            tl = torch.where(first, torch.clamp(1.0 / gl.abs().sum(1), max=1.0) * s.lr,
-                             torch.full_like(loss[lanes], s.lr))
-            t[lanes] = tl
-            # Not a descent direction: torch ends the step without moving, and so do all later steps.
-            stuck = _dot(gl, dl) > -s.tolerance_change
-            steps[lanes[stuck]] += 1
-            it[lanes[stuck]] = 0
-            status[lanes[stuck]] = CONVERGED
-            mv = lanes[~stuck]
-            x[mv] += tl[~stuck, None] * dl[~stuck]
-            # At max_iter torch moves without evaluating and ends the step.
-            end_step(torch.zeros_like(status, dtype=torch.bool).index_fill_(0, mv[it[mv] == s.max_iter], True))
+        def store() -> None:
+            for key, v in (("x", x), ("status", status), ("closures", closures), ("steps", steps),
+                           ("final_loss", final_loss)):
+                out[key][act] = v
 
         while True:
-            idx = (status == RUNNING).nonzero().squeeze(1)
+            run = status == RUNNING
+            idx = run.nonzero().squeeze(1)  # the round's one host sync
             if idx.numel() == 0:
                 break
-            f_new, g_new = closure(x[idx], idx)
+            if idx.numel() <= act.numel() // 2:
+                store()
+                act = act[idx]
+                (x, x_ok, status, it, n_iter, evals, steps, closures, loss, prev_loss, g, prev_g, d, t, h_diag,
+                 final_loss) = (v[idx] for v in (x, x_ok, status, it, n_iter, evals, steps, closures, loss,
+                                                 prev_loss, g, prev_g, d, t, h_diag, final_loss))
+                hist.take(idx)
+                run = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
+                idx = torch.arange(idx.numel(), device=dev)
+            m = act.numel()
+            f_new, g_new = closure(x[idx], act[idx])
             rounds += 1
-            closures[idx] += 1
+            closures += run
             f_new, g_new = f_new.detach().to(dt), g_new.detach().to(dt)
             finite = torch.isfinite(f_new) & torch.isfinite(g_new).all(1)
-            bad = idx[~finite]
-            status[bad] = DIVERGED
-            x[bad] = x_ok[bad]
-            idx, f_new, g_new = idx[finite], f_new[finite], g_new[finite]
-            x_ok[idx] = x[idx]
-            loss[idx] = f_new
-            final_loss[idx] = f_new
-            g[idx] = g_new
-            opt_cond = torch.zeros(n, dtype=torch.bool, device=dev)
-            opt_cond[idx] = g_new.abs().amax(1) <= s.tolerance_grad
-            on = torch.zeros(n, dtype=torch.bool, device=dev)
-            on[idx] = True
+            ok = torch.zeros(m, dtype=torch.bool, device=dev).index_put_((idx,), finite)
+            # Diverged lanes are frozen at their last finite iterate; nothing of theirs is stored.
+            status = torch.where(run & ~ok, DIVERGED, status)
+            x = torch.where((run & ~ok)[:, None], x_ok, x)
+            x_ok = torch.where(ok[:, None], x, x_ok)
+            loss = loss.index_put((idx,), torch.where(finite, f_new, loss[idx]))
+            g = g.index_put((idx,), torch.where(finite[:, None], g_new, g[idx]))
+            final_loss = torch.where(ok, loss, final_loss)
+            opt_cond = ok & (g.abs().amax(1) <= s.tolerance_grad)
             # Evaluation at the start of a step: its loss is what step() returns.
-            start = on & (it == 0)
-            trace[start, steps[start].clamp(max=s.steps - 1)] = loss[start]
-            evals[start] = 1
-            status[start & opt_cond] = CONVERGED  # torch returns at once; every later step repeats this
-            steps[start & opt_cond] += 1
+            start = ok & (it == 0)
+            col = steps.clamp(max=s.steps - 1)
+            trace[act, col] = torch.where(start, loss, trace[act, col])
+            evals = torch.where(start, 1, evals)
+            status = torch.where(start & opt_cond, CONVERGED, status)  # torch returns at once, and
+            steps = steps + (start & opt_cond)  # every later step would repeat this
             # Evaluation after a move inside a step: torch's break tests.
-            inner = on & (it > 0)
-            evals[inner] += 1
+            inner = ok & (it > 0)
+            evals = evals + inner
             brk = inner & (
                 (evals >= s.eval_budget)
                 | opt_cond
-                | ((d * t[:, None]).abs().amax(1) <= s.tolerance_change)
+                | (d.abs().amax(1) * t.abs() <= s.tolerance_change)  # = |d t|_max, rounding is monotonic
                 | ((loss - prev_loss).abs() < s.tolerance_change)
             )
-            end_step(brk)  # the next round re-evaluates the same point, as torch's next step() does
-            go = ((start & ~opt_cond) | (inner & ~brk)).nonzero().squeeze(1)
-            if go.numel():
-                iterate(go)
+            # A break ends the step; the next round re-evaluates the same point, as torch's next step() does.
+            steps = steps + brk
+            it = torch.where(brk, 0, it)
+            status = torch.where(brk & (steps >= s.steps), BUDGET, status)
+
+            # The body of torch's `while n_iter < max_iter` loop, for lanes `go`.
+            go = (start & ~opt_cond) | (inner & ~brk)
+            it = it + go
+            n_iter = n_iter + go
+            first = go & (n_iter == 1)
+            y = g - prev_g
+            st = d * t[:, None]
+            ys = _dot(y, st)
+            yy = _dot(y, y)
+            # Curvature pair from the previous iteration (not on a lane's very first iteration).
+            push = go & ~first & (ys > 1e-10)
+            h_diag = torch.where(push, ys / yy, h_diag)
+            dots_new = torch.stack([ys, yy, _dot(st, g), _dot(y, g)], 1)
+            d = torch.where(go[:, None], hist.push_and_direction(g, st, y, dots_new, push, h_diag, algebra), d)
+            prev_g = torch.where(go[:, None], g, prev_g)
+            prev_loss = torch.where(go, loss, prev_loss)
+            t_first = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * s.lr
+            t = torch.where(go, torch.where(first, t_first, torch.full_like(t, s.lr)), t)
+            # Not a descent direction: torch ends the step without moving, and so do all later steps.
+            stuck = go & (_dot(g, d) > -s.tolerance_change)
+            steps = steps + stuck
+            it = torch.where(stuck, 0, it)
+            status = torch.where(stuck, CONVERGED, status)
+            mv = go & ~stuck
+            x = torch.where(mv[:, None], x + t[:, None] * d, x)
+            # At max_iter torch moves without evaluating and ends the step.
+            at_max = mv & (it == s.max_iter)
+            steps = steps + at_max
+            it = torch.where(at_max, 0, it)
+            status = torch.where(at_max & (steps >= s.steps), BUDGET, status)
+
             for k in snapshot_steps:
-                new = (steps == k) & ~snapped[k]
-                snaps[k][new] = x[new]
-                snapped[k] |= new
+                new = (steps == k) & ~snapped[k][act]
+                snaps[k][act] = torch.where(new[:, None], x, snaps[k][act])
+                snapped[k][act] |= new
             if on_round is not None:
-                on_round(torch.where(status == RUNNING, steps, s.steps))
+                done = torch.full((N,), s.steps, dtype=torch.long, device=dev)
+                on_round(done.index_put_((act,), torch.where(status == RUNNING, steps, s.steps)))
+        store()
+        x, status = out["x"], out["status"]
         for k in snapshot_steps:  # lanes that stopped before step k keep their final iterate
-            snaps[k][~snapped[k]] = x[~snapped[k]]
+            snaps[k] = torch.where(snapped[k][:, None], snaps[k], x)
 
         return LBFGSResult(
             x=x,
             status=[STATUS_NAMES[int(v)] for v in status.tolist()],
-            closures=closures.cpu(),
-            steps=steps.cpu(),
+            closures=out["closures"].cpu(),
+            steps=out["steps"].cpu(),
             loss_trace=trace.cpu(),
-            final_loss=final_loss.cpu(),
+            final_loss=out["final_loss"].cpu(),
             rounds=rounds,
             snapshots={k: v.cpu() for k, v in snaps.items()},
         )
+

@@ -1,0 +1,162 @@
+"""``python -m bench perf``: the serial reference vs the batched engine, same images, one process.
+
+Both engines attack real images of one dataset with the paper's DLG (lenet-dlg, 300
+L-BFGS steps, no defense), with lanes built exactly as :func:`bench.runner.run_unit`
+builds them (seed 0): the serial reference (``engine="serial"``, the paper's code,
+one attack at a time) on the first ``--serial-attacks`` images, the batched engine
+(``engine="compiled"``) on ``--attacks`` images that start with those same images, so
+the shared images get the same weights, targets and dummy initialisation.
+
+Printed: attacks per minute for each engine (the batched figure with and without its
+one-off compilation, which a short warm-up run measures), their ratio, ms per
+lane-closure (wall time / closure evaluations), peak RSS, and the per-image agreement
+on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). The last
+line is ``speedup: N.Nx``, attacks per minute batched (compilation included) over
+serial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attacks import ATTACKS, AttackBatch, Lane
+from attacks.dlg import victim_gradient
+from bench.data import load_images, resolve_data_root
+from bench.errors import UserError
+from bench.metrics import mse
+from bench.models import build_model
+from bench.runner import derive_seed
+from defenses import make_defense
+
+MODEL = "lenet-dlg"
+SEED = 0
+SUCCESS_MSE = 1e-3
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"perf: --{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_batch(dataset: str, count: int, root: Path) -> tuple[AttackBatch, torch.Tensor, list[int]]:
+    """``count`` real images of ``dataset`` as single-image DLG lanes, built as ``run_unit`` builds them
+    (cell seed 0, image_seed 0, no defense). Returns the batch, the images and their dataset indices."""
+    data = load_images(dataset, count=count, seed=SEED, size=32, channels=3, root=root)
+    C = data.num_classes
+    arch = build_model(MODEL, num_classes=C, channels=3, size=32)
+    defense = make_defense("none")
+    lanes = []
+    for i in range(count):
+        lane_seed = derive_seed(SEED, dataset, MODEL, data.indices[i])
+        model = build_model(MODEL, num_classes=C, channels=3, size=32,
+                            generator=torch.Generator().manual_seed(lane_seed))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        clean = victim_gradient(arch, params, data.images[i:i + 1], data.labels[i:i + 1], C)
+        gen = torch.Generator().manual_seed(derive_seed(lane_seed, "none", None))
+        shared = dict(zip(clean, defense(list(clean.values()), generator=gen)))
+        lanes.append(Lane(params=params, target_grads=shared, seed=derive_seed(lane_seed, "dummy")))
+    batch = AttackBatch(model=arch, image_shape=(3, 32, 32), num_classes=C, batch_size=1, lanes=lanes)
+    return batch, data.images, list(data.indices)
+
+
+def _subset(batch: AttackBatch, k: int) -> AttackBatch:
+    return AttackBatch(model=batch.model, image_shape=batch.image_shape, num_classes=batch.num_classes,
+                       batch_size=batch.batch_size, lanes=batch.lanes[:k], device=batch.device)
+
+
+def _mses(result, images: torch.Tensor) -> list[float]:
+    return [mse(images[i].numpy(), result.reconstructions[i, 0].numpy()) for i in range(len(result.status))]
+
+
+def run_perf(args: argparse.Namespace) -> int:
+    attacks = _positive_int("attacks", args.attacks)
+    serial_n = _positive_int("serial-attacks", args.serial_attacks)
+    steps = _positive_int("steps", args.steps)
+    if serial_n > attacks:
+        raise UserError(f"perf: --serial-attacks ({serial_n}) must not exceed --attacks ({attacks}): "
+                        "the serial images are the first of the batched ones")
+    out = Path(args.json) if getattr(args, "json", None) else None
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"perf: --json {out}: folder {out.parent} does not exist; create it or pick another path")
+    root = resolve_data_root(args.data_root)
+    batch, images, indices = build_batch(args.dataset, attacks, root)
+    threads = torch.get_num_threads()
+    print(f"perf: {args.dataset} images {indices[:serial_n]}{'...' if attacks > serial_n else ''}, {MODEL}, "
+          f"DLG {steps} steps, no defense; torch {torch.__version__}, {threads} threads, "
+          f"{platform.processor() or platform.machine()}", flush=True)
+
+    # Serial reference: the paper's code, one attack at a time.
+    serial = ATTACKS.get("dlg").make(steps=steps, engine="serial")
+    res_s = serial(_subset(batch, serial_n))
+    closures_s = int(res_s.closures.sum())
+    print(f"serial:  {serial_n} attacks in {res_s.seconds:.1f} s", flush=True)
+
+    # Batched engine. A 1-step warm-up compiles everything this batch size needs; compilation
+    # for smaller bucket sizes (lanes stopping early) happens inside the timed run.
+    batched = ATTACKS.get("dlg").make(steps=steps, engine="compiled")
+    t0 = time.perf_counter()
+    ATTACKS.get("dlg").make(steps=1, engine="compiled")(batch)
+    warmup = time.perf_counter() - t0
+    res_b = batched(batch)
+    closures_b = int(res_b.closures.sum())
+    with_compile = res_b.seconds + warmup
+    print(f"batched: {attacks} attacks in {res_b.seconds:.1f} s (+ {warmup:.1f} s warm-up with compilation)",
+          flush=True)
+
+    per_min_s = 60 * serial_n / res_s.seconds
+    per_min_b = 60 * attacks / with_compile
+    per_min_b_warm = 60 * attacks / res_b.seconds
+    ms_s = 1000 * res_s.seconds / closures_s
+    ms_b = 1000 * res_b.seconds / closures_b
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+
+    print(f"attacks/min serial:   {per_min_s:10.1f}")
+    print(f"attacks/min batched:  {per_min_b:10.1f}  (compilation included; {per_min_b_warm:.1f} without)")
+    print(f"ratio batched/serial: {per_min_b / per_min_s:10.1f}x "
+          f"(without compilation {per_min_b_warm / per_min_s:.1f}x)")
+    print(f"ms per lane-closure:  serial {ms_s:.3f}, batched {ms_b:.3f} ({closures_s} and {closures_b} closures)")
+    print(f"peak RSS:             {rss_mib:.0f} MiB")
+
+    # Agreement on the shared images. L-BFGS without line search is chaotic (float rounding
+    # differences grow to O(1) within ~100 iterations), so iterates differ; outcomes should not.
+    mse_s, mse_b = _mses(res_s, images), _mses(res_b, images)[:serial_n]
+    rows, agree, within2 = [], 0, 0
+    print("image  serial MSE   batched MSE  success s/b  MSE ratio")
+    for i in range(serial_n):
+        ok_s, ok_b = mse_s[i] < SUCCESS_MSE, mse_b[i] < SUCCESS_MSE
+        ratio = mse_b[i] / mse_s[i] if mse_s[i] > 0 else float("inf")
+        agree += ok_s == ok_b
+        within2 += ok_s and ok_b and 0.5 <= ratio <= 2
+        rows.append({"image": indices[i], "mse_serial": mse_s[i], "mse_batched": mse_b[i], "success_serial": ok_s,
+                     "success_batched": ok_b, "mse_ratio": ratio, "status_serial": res_s.status[i],
+                     "status_batched": res_b.status[i]})
+        flags = f"{'yes' if ok_s else 'no':>3}/{'yes' if ok_b else 'no':<3}"
+        print(f"{indices[i]:5d}  {mse_s[i]:.3e}    {mse_b[i]:.3e}    {flags}     {ratio:.2f}")
+    both = sum(r["success_serial"] and r["success_batched"] for r in rows)
+    print(f"agreement: success/failure agrees on {agree}/{serial_n} images; MSE within 2x on {within2}/{both} "
+          f"images where both succeed")
+    speedup = per_min_b / per_min_s
+    if out is not None:
+        figures = {
+            "dataset": args.dataset, "model": MODEL, "steps": steps, "threads": threads, "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "serial_attacks": serial_n, "batched_attacks": attacks,
+            "serial_seconds": res_s.seconds, "batched_seconds": res_b.seconds, "warmup_seconds": warmup,
+            "attacks_per_min_serial": per_min_s, "attacks_per_min_batched": per_min_b,
+            "attacks_per_min_batched_without_compile": per_min_b_warm, "speedup": speedup,
+            "speedup_without_compile": per_min_b_warm / per_min_s, "ms_per_lane_closure_serial": ms_s,
+            "ms_per_lane_closure_batched": ms_b, "closures_serial": closures_s, "closures_batched": closures_b,
+            "peak_rss_mib": rss_mib, "agreement": rows, "success_agree": agree, "mse_within_2x": within2,
+        }
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"speedup: {speedup:.1f}x")
+    return 0
