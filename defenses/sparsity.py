@@ -5,9 +5,10 @@ separately, the k = floor(p / 100 * numel) entries of smallest magnitude |g|;
 the other entries are kept unchanged. k is computed exactly (p is read as the
 decimal it prints as, so p = 29 on 100 entries prunes 29, not 28).
 
-Ties in |g| are broken deterministically by a stable sort on |g| over the
-flattened tensor: among equal magnitudes the lower flat index is pruned first.
+Ties in |g| are broken deterministically, as a stable sort on |g| over the
+flattened tensor would: among equal magnitudes the lower flat index is pruned first.
 Entries that are already zero count towards k (they have the smallest magnitude).
+Selection is O(numel) (the k-th smallest magnitude, then the ties), not a sort.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ def prune_tensor(g: Tensor, sparsity: float) -> Tensor:
     if k == 0:
         return g.clone()
     # Flat indices are in logical (row-major) order, so this works for any strides.
-    idx = torch.argsort(g.detach().abs().reshape(-1), stable=True)[:k]
-    mask = torch.zeros(g.numel(), dtype=torch.bool, device=g.device)
-    mask[idx] = True
+    mag = g.detach().abs().reshape(-1)
+    kth = mag.kthvalue(k).values
+    below = mag < kth
+    tie = mag == kth
+    # Of the entries equal to the k-th magnitude, prune the first (by flat index) that fill k.
+    room = k - below.sum()
+    mask = below | (tie & (tie.cumsum(0) <= room))
     return g.masked_fill(mask.view(g.shape), 0)
 
 

@@ -281,6 +281,17 @@ def test_prune_per_tensor_and_ties_deterministic():
     assert torch.equal(make_defense("prune", 0)([a])[0], a)
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 80), p=st.sampled_from([1, 10, 33, 50, 90, 99]), seed=st.integers(0, 2**31 - 1))
+def test_prune_equals_stable_sort_reference_with_ties(n, p, seed):
+    """The O(n) selection prunes exactly what a stable sort on |g| prunes, ties included."""
+    g = torch.randint(-3, 4, (n,), generator=gen(seed)).float()  # many ties and zeros
+    k = math.floor(Fraction(repr(float(p))) * n / 100)
+    ref = g.clone()
+    ref[torch.argsort(g.abs(), stable=True)[:k]] = 0
+    assert torch.equal(make_defense("prune", p)([g])[0], ref)
+
 # --- validation ------------------------------------------------------------------------
 
 
