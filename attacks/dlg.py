@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +139,9 @@ class DLGAttack:
                             f"got {batch.batch_size}; use attack 'dlg'")
         t0 = time.perf_counter()
         fixed = self._fixed_labels(batch)
-        if self.engine == "serial":
-            x, status, closures, trace, final, snaps = self._run_serial(batch, fixed, progress, snapshot_steps)
-        else:
-            x, status, closures, trace, final, snaps = self._run_batched(batch, fixed, progress, snapshot_steps)
+        with full_precision(batch.device):
+            run = self._run_serial if self.engine == "serial" else self._run_batched
+            x, status, closures, trace, final, snaps = run(batch, fixed, progress, snapshot_steps)
         B, C = batch.batch_size, batch.num_classes
         n_img = B * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
         recs = x[:, :n_img].reshape(len(batch.lanes), B, *batch.image_shape)
@@ -210,7 +210,7 @@ class DLGAttack:
                                     tolerance_grad=s.tolerance_grad, tolerance_change=s.tolerance_change,
                                     history_size=s.history_size)
             count = [0]
-            probs_fixed = F.one_hot(fixed[lane_i], C).to(self.dtype)
+            probs_fixed = F.one_hot(fixed[lane_i], C).to(batch.device, self.dtype)
 
             def closure():
                 opt.zero_grad()
@@ -249,6 +249,24 @@ class DLGAttack:
 
 
 _OBJECTIVES: dict[tuple, Callable] = {}
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """No TF32 on CUDA while attacking: the paper's float32 is meant, and cuDNN may pick TF32
+    convolutions (10-bit mantissa) by default on Ampere and later. For lenet-dlg on an H200
+    (torch 2.11) the iterates were identical either way; other models and shapes may differ."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def bucket_size(running: int, lanes: int) -> int:

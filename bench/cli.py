@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--attacks", type=int, default=64, help="attacks in the batched run")
     pf.add_argument("--serial-attacks", type=int, default=4, help="attacks timed one at a time")
     pf.add_argument("--steps", type=int, default=300)
+    pf.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both engines run")
     pf.add_argument("--json", help="also write the figures to this JSON file")
     pf.set_defaults(func=cmd_perf)
     return p

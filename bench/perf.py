@@ -48,7 +48,8 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def build_batch(dataset: str, count: int, root: Path) -> tuple[AttackBatch, torch.Tensor, list[int]]:
+def build_batch(dataset: str, count: int, root: Path,
+                device: str = "cpu") -> tuple[AttackBatch, torch.Tensor, list[int]]:
     """``count`` real images of ``dataset`` as single-image DLG lanes, built as ``run_unit`` builds them
     (cell seed 0, image_seed 0, no defense). Returns the batch, the images and their dataset indices."""
     data = load_images(dataset, count=count, seed=SEED, size=32, channels=3, root=root)
@@ -65,7 +66,8 @@ def build_batch(dataset: str, count: int, root: Path) -> tuple[AttackBatch, torc
         gen = torch.Generator().manual_seed(derive_seed(lane_seed, "none", None))
         shared = dict(zip(clean, defense(list(clean.values()), generator=gen)))
         lanes.append(Lane(params=params, target_grads=shared, seed=derive_seed(lane_seed, "dummy")))
-    batch = AttackBatch(model=arch, image_shape=(3, 32, 32), num_classes=C, batch_size=1, lanes=lanes)
+    batch = AttackBatch(model=arch, image_shape=(3, 32, 32), num_classes=C, batch_size=1, lanes=lanes,
+                        device=torch.device(device))
     return batch, data.images, list(data.indices)
 
 
@@ -88,12 +90,15 @@ def run_perf(args: argparse.Namespace) -> int:
     out = Path(args.json) if getattr(args, "json", None) else None
     if out is not None and not out.parent.is_dir():
         raise UserError(f"perf: --json {out}: folder {out.parent} does not exist; create it or pick another path")
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("perf: --device cuda: no CUDA device is available; use --device cpu")
     root = resolve_data_root(args.data_root)
-    batch, images, indices = build_batch(args.dataset, attacks, root)
+    batch, images, indices = build_batch(args.dataset, attacks, root, device)
     threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"perf: {args.dataset} images {indices[:serial_n]}{'...' if attacks > serial_n else ''}, {MODEL}, "
-          f"DLG {steps} steps, no defense; torch {torch.__version__}, {threads} threads, "
-          f"{platform.processor() or platform.machine()}", flush=True)
+          f"DLG {steps} steps, no defense; torch {torch.__version__}, {threads} threads, {where}", flush=True)
 
     # Serial reference: the paper's code, one attack at a time.
     serial = ATTACKS.get("dlg").make(steps=steps, engine="serial")
@@ -126,6 +131,8 @@ def run_perf(args: argparse.Namespace) -> int:
           f"(without compilation {per_min_b_warm / per_min_s:.1f}x)")
     print(f"ms per lane-closure:  serial {ms_s:.3f}, batched {ms_b:.3f} ({closures_s} and {closures_b} closures)")
     print(f"peak RSS:             {rss_mib:.0f} MiB")
+    if device == "cuda":
+        print(f"peak GPU memory:      {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
     # Agreement on the shared images. L-BFGS without line search is chaotic (float rounding
     # differences grow to O(1) within ~100 iterations), so iterates differ; outcomes should not.
@@ -148,7 +155,8 @@ def run_perf(args: argparse.Namespace) -> int:
     speedup = per_min_b / per_min_s
     if out is not None:
         figures = {
-            "dataset": args.dataset, "model": MODEL, "steps": steps, "threads": threads, "torch": torch.__version__,
+            "dataset": args.dataset, "device": device, "model": MODEL, "steps": steps, "threads": threads,
+            "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "serial_attacks": serial_n, "batched_attacks": attacks,
             "serial_seconds": res_s.seconds, "batched_seconds": res_b.seconds, "warmup_seconds": warmup,
             "attacks_per_min_serial": per_min_s, "attacks_per_min_batched": per_min_b,

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
-import torch
 from torch import Tensor
 
 from defenses import DEFENSES, DefenseKind, format_strength
