@@ -161,6 +161,74 @@ def collect_records(out: Path) -> pd.DataFrame:
     return records.reindex(columns=[*COLUMNS, *extra]).reset_index(drop=True)
 
 
+def load_records(out: Path) -> pd.DataFrame:
+    """The run's records: from the cells store when it holds any, else from ``records.csv``.
+
+    A committed results folder keeps records.csv, accuracy/ and run.json but not the
+    store (its arrays are large), so its tables and REPRODUCTION.md can be regenerated
+    from the records alone; figures that show images then draw blank tiles.
+    """
+    out = Path(out)
+    path = out / "records.csv"
+    if _cell_files(out) or not path.is_file():
+        return collect_records(out)
+    try:
+        records = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise UserError(f"{path}: unreadable records ({type(exc).__name__}); rerun `python -m bench run --out "
+                        f"{out}` to rebuild it") from None
+    missing = [c for c in ("cell_id", "dataset", "defense", "mse") if c not in records.columns]
+    if missing:
+        raise UserError(f"{path}: not a records table (missing columns {', '.join(missing)}); rerun "
+                        f"`python -m bench run --out {out}` to rebuild it")
+    return records
+
+
+FIGURE_ARRAYS = "figure_arrays.npz"
+
+
+class CellArrays:
+    """Lane 0's arrays of each cell, for figures: from ``cells/<id>.npz``, else from the
+    results folder's ``figure_arrays.npz`` (what a committed results folder keeps instead
+    of the store). ``get`` returns None for a cell neither holds."""
+
+    def __init__(self, out: Path):
+        self.cells = Path(out) / "cells"
+        self.bundle: dict[str, dict[str, np.ndarray]] = {}
+        path = Path(out) / FIGURE_ARRAYS
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    for key in z.files:
+                        cid, _, name = key.partition("/")
+                        self.bundle.setdefault(cid, {})[name] = z[key]
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                raise UserError(f"{path}: unreadable ({type(exc).__name__}); delete it, or rerun `python -m "
+                                f"bench report --out {out}` where the cells store exists") from None
+
+    def get(self, cell_id: str) -> dict[str, np.ndarray] | None:
+        try:
+            with np.load(self.cells / f"{cell_id}.npz") as z:
+                return {k: z[k][:1] for k in z.files}
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            return self.bundle.get(cell_id)
+
+
+def figure_arrays(records: pd.DataFrame, arrays: CellArrays) -> bytes | None:
+    """The bundle of lane 0's arrays of every cell (snapshots only of undefended cells: the
+    iteration figure's); None when no cell's arrays are readable."""
+    entries = {}
+    for cid, defense in records.groupby("cell_id", sort=True)["defense"].first().items():
+        for name, value in (arrays.get(str(cid)) or {}).items():
+            if defense == "none" or not name.startswith("snap_"):
+                entries[f"{cid}/{name}"] = value
+    if not entries:
+        return None
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **entries)
+    return buf.getvalue()
+
+
 def read_run_info(out: Path) -> dict:
     """``out/run.json`` as a dict ({} if the run wrote none)."""
     path = Path(out) / "run.json"
@@ -570,7 +638,7 @@ def plot_leakage_vs_strength(summary: pd.DataFrame, facets: list[str]) -> Figure
     return fig
 
 
-def _first_lanes(records: pd.DataFrame, cells_dir: Path, facets: list[str]) -> dict[tuple, dict[str, tuple]]:
+def _first_lanes(records: pd.DataFrame, arrays: CellArrays, facets: list[str]) -> dict[tuple, dict[str, tuple]]:
     """facet values -> defense label -> (first row, original, reconstruction) of its cell.
 
     The cell is the lowest-seed one whose NPZ is readable (ties: lowest cell id);
@@ -582,19 +650,17 @@ def _first_lanes(records: pd.DataFrame, cells_dir: Path, facets: list[str]) -> d
     for _, row in firsts.iterrows():
         chosen = out.setdefault(tuple(row[k] for k in facets), {})
         if row["defense_label"] not in chosen:
-            pair = _lane0_images(cells_dir / f"{row['cell_id']}.npz")
+            pair = _lane0_images(arrays.get(str(row["cell_id"])))
             if pair is not None:
                 chosen[row["defense_label"]] = (row, *pair)
     return out
 
 
-def _lane0_images(npz: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(original, matched reconstruction) of slot 0 of lane 0, uint8 [C,H,W]; None if unreadable."""
-    try:
-        with np.load(npz) as arrays:
-            orig, rec = arrays["originals"][0], arrays["reconstructions"][0]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+def _lane0_images(arrays: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(original, matched reconstruction) of slot 0 of lane 0, uint8 [C,H,W]; None if missing."""
+    if not arrays or "originals" not in arrays or "reconstructions" not in arrays:
         return None
+    orig, rec = arrays["originals"][0], arrays["reconstructions"][0]
     perm = match_reconstructions(orig / 255.0, rec / 255.0)
     return orig[0], rec[perm[0]]
 
@@ -615,11 +681,11 @@ def _tile(ax: Axes, image: np.ndarray | None, caption: str) -> None:
         ax.set_xlabel(caption, fontsize=8, labelpad=2)
 
 
-def plot_reconstructions(records: pd.DataFrame, cells_dir: Path, facets: list[str],
+def plot_reconstructions(records: pd.DataFrame, arrays: CellArrays, facets: list[str],
                          datasets: list[str]) -> Figure:  # fmt: skip
     """Grid: columns = facets, rows = original then each defense setting; blanks where missing."""
     settings = order_settings(records)
-    lanes = _first_lanes(records, cells_dir, facets)
+    lanes = _first_lanes(records, arrays, facets)
     keys = sorted(lanes, key=lambda k: _facet_sort_key(k, facets, datasets))
     with matplotlib.rc_context(_style()):
         fig = _new_figure(LABEL_IN + 1.1 * TILE_IN * len(keys), 0.6 + 1.25 * TILE_IN * (len(settings) + 1))
@@ -652,7 +718,8 @@ def _figure_bytes(fig: Figure, fmt: str) -> bytes:
 def write_report(out: Path) -> list[Path]:
     """Write records.csv, summary.md, tables/ and figures/ under ``out``; return the paths."""
     out = Path(out)
-    records = collect_records(out)
+    records = load_records(out)
+    arrays = CellArrays(out)
     info = read_run_info(out)
     rule = _success_rule(info, out)
     datasets = dataset_order(records, info)
@@ -671,8 +738,12 @@ def write_report(out: Path) -> list[Path]:
     }
     plots = {
         figures["Leakage vs defense strength"]: plot_leakage_vs_strength(summary, facets),
-        figures["Reconstructions"]: plot_reconstructions(records, out / "cells", facets, datasets),
+        figures["Reconstructions"]: plot_reconstructions(records, arrays, facets, datasets),
     }
+    if _cell_files(out):  # else the bundle is this report's input, kept as it is
+        bundle = figure_arrays(records, arrays)
+        if bundle is not None:
+            files[FIGURE_ARRAYS] = bundle
     for stem, fig in plots.items():
         for fmt in ("png", "pdf"):
             files[f"{stem}.{fmt}"] = _figure_bytes(fig, fmt)

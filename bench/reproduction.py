@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import io
 import math
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bench.metrics import match_reconstructions, parse_success
-from bench.report import format_interval, format_success, t_interval, wilson_interval
+from bench.report import CellArrays, format_interval, format_success, t_interval, wilson_interval
 from bench.store import atomic_write_bytes
 from defenses import format_strength
 
@@ -832,14 +831,6 @@ def _tile(ax: Axes, image: np.ndarray | None, caption: str = "") -> None:
         ax.set_xlabel(caption, fontsize=6, labelpad=2)
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
 def _first_cells(records: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(dataset, defense_label) -> cell id of the lowest-seed cell (ties: lowest id)."""
     firsts = records.groupby("cell_id", sort=False).head(1).sort_values(["seed", "cell_id"], kind="stable")
@@ -858,13 +849,13 @@ def _lane0(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nd
     return orig[0], rec[perm[0]], perm
 
 
-def plot_iterations(out: Path, records: pd.DataFrame, datasets: Sequence[str]) -> Figure | None:
+def plot_iterations(arrays_of: CellArrays, records: pd.DataFrame, datasets: Sequence[str]) -> Figure | None:
     """Undefended reconstruction at each snapshot step, original last; None without snapshots."""
     cells = _first_cells(records[records["defense"] == "none"])
     rows = []
     for d in datasets:
         cid = next((c for (ds, _), c in cells.items() if ds == d), None)
-        arrays = _load_npz(out / "cells" / f"{cid}.npz") if cid else None
+        arrays = arrays_of.get(cid) if cid else None
         if not arrays:
             continue
         steps = sorted(int(k[5:]) for k in arrays if k.startswith("snap_") and k[5:].isdigit())
@@ -908,7 +899,8 @@ def _loss_curve(trace: np.ndarray) -> np.ndarray:
     return np.clip(med, LOSS_FLOOR, None)
 
 
-def plot_family(out: Path, records: pd.DataFrame, family: str, datasets: Sequence[str]) -> Figure | None:
+def plot_family(arrays_of: CellArrays, records: pd.DataFrame, family: str,
+                datasets: Sequence[str]) -> Figure | None:  # fmt: skip
     """Reconstructions per strength (rows = datasets) and loss curves per strength (one panel per dataset)."""
     fam = records[records["family"] == family]
     if fam.empty:
@@ -929,7 +921,7 @@ def plot_family(out: Path, records: pd.DataFrame, family: str, datasets: Sequenc
             original = None
             for j, lab in enumerate(columns, start=1):
                 cid = cells.get((d, lab))
-                arrays = _load_npz(out / "cells" / f"{cid}.npz") if cid else None
+                arrays = arrays_of.get(cid) if cid else None
                 first = _lane0(arrays) if arrays else None
                 if first is not None and original is None:
                     original = first[0]
@@ -1196,7 +1188,8 @@ def write_reproduction(out: Path, records: pd.DataFrame, accuracy: pd.DataFrame 
     figures: dict[str, str | None] = {}
     figure_notes: list[str] = []
     plots: dict[str, Figure] = {}
-    fig = plot_iterations(out, scoped, leak_ds)
+    arrays_of = CellArrays(out)
+    fig = plot_iterations(arrays_of, scoped, leak_ds)
     if fig is None:
         figure_notes.append("No iteration figure: the store holds no snapshots (`snap_<step>` arrays) of an "
                             "undefended cell; rerun the undefended cells with snapshot steps to draw it.")
@@ -1206,7 +1199,7 @@ def write_reproduction(out: Path, records: pd.DataFrame, accuracy: pd.DataFrame 
     families = [f for f in FAMILY_ORDER if f != "none" and f in set(scoped["family"])]
     families += sorted(set(scoped["family"].dropna().astype(str)) - set(FAMILY_ORDER))
     for f in families:
-        fig = plot_family(out, scoped, f, leak_ds)
+        fig = plot_family(arrays_of, scoped, f, leak_ds)
         if fig is not None:
             plots[f"figures/family_{f}"] = fig
             figures[f"Family {f}: reconstructions and loss curves"] = f"figures/family_{f}"

@@ -242,7 +242,7 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
                 row["success"] = bool(preset.success.success(row))
             store.write_cell(r["cell_id"], r["spec"], r["records"], r["meta"], r["arrays"])
 
-    if workers <= 1:
+    if min(workers, len(units)) <= 1:
         for u in units:
             before = bar.n
             save(run_unit(u, progress=bar.update))
