@@ -21,9 +21,7 @@ code itself (``torch.optim.LBFGS`` on one lane at a time), kept as the reference
 
 from __future__ import annotations
 
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
+from attacks.compiling import compile_or_eager
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.errors import UserError
 
@@ -285,29 +284,9 @@ def bucket_size(running: int, lanes: int) -> int:
 
 
 def compile_objective(fn: Callable) -> Callable:
-    """``torch.compile`` the batched objective; fall back to eager (same results) if compiling fails.
-
-    Set ``DLG_BENCH_COMPILE=0`` to force eager. Shapes are static (faster code); see
-    :func:`bucket_size` for how the number of shapes is bounded.
-    """
-    if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
-        return fn
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    compiled = torch.compile(fn, dynamic=False)
-    state = {"fn": compiled}
-
-    def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            if state["fn"] is fn:
-                raise
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}); running the attack eagerly",
-                          stacklevel=2)
-            state["fn"] = fn
-            return fn(*args)
-
-    return call
+    """``torch.compile`` the batched objective with static shapes (faster code; :func:`bucket_size`
+    bounds the number of shapes), falling back to eager if compiling fails; see :func:`compile_or_eager`."""
+    return compile_or_eager(fn, what="the attack objective", dynamic=False)
 
 
 def _make(label: str, name: str):

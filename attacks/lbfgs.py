@@ -41,12 +41,13 @@ finite: the lane is frozen at its last finite iterate and never touches the othe
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from attacks.compiling import compile_or_eager
 
 RUNNING, CONVERGED, BUDGET, DIVERGED = 0, 1, 2, 3
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", BUDGET: "budget", DIVERGED: "diverged"}
@@ -178,30 +179,14 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def compiled_algebra() -> Callable:
-    """``_algebra`` under ``torch.compile`` (one fused kernel for the gathers, shifts and
-    updates around the two solves), falling back to eager, with a warning, if compiling or
-    running the compiled code fails. ``DLG_BENCH_COMPILE=0`` forces eager."""
-    if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
-        return _algebra
-    if "fn" not in _COMPILED:
+    """``_algebra`` under ``torch.compile`` (one fused kernel for the gathers, shifts and updates
+    around the two solves), or eager; see :func:`attacks.compiling.compile_or_eager`."""
+    key = os.environ.get("DLG_BENCH_COMPILE", "1")
+    if key not in _COMPILED:
         # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once
         # with a symbolic lane count instead of once per count.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        state = {"fn": torch.compile(_algebra, dynamic=None)}
-
-        def call(*args):
-            try:
-                return state["fn"](*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-                if state["fn"] is _algebra:
-                    raise
-                warnings.warn(f"torch.compile of the L-BFGS update failed ({type(exc).__name__}); running it eagerly",
-                              stacklevel=2)
-                state["fn"] = _algebra
-                return _algebra(*args)
-
-        _COMPILED["fn"] = call
-    return _COMPILED["fn"]
+        _COMPILED[key] = compile_or_eager(_algebra, what="the L-BFGS update", dynamic=None)
+    return _COMPILED[key]
 
 
 class BatchedLBFGS:

@@ -35,7 +35,6 @@ so a rerun skips finished jobs and a changed budget is a new job.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -46,6 +45,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.config import selectable_field, spec_id
 from bench.errors import UserError
 from bench.store import atomic_write_json
 
@@ -118,16 +118,11 @@ class AccuracyJob:
 
     @property
     def job_id(self) -> str:
-        blob = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return spec_id(self.spec())
 
     def field(self, key: str) -> Any:
-        """Value for ``--only KEY=...`` filtering with :func:`bench.config.select` (see :data:`JOB_ONLY_KEYS`)."""
-        if key == "family":
-            from defenses import DEFENSES
-
-            return DEFENSES.get(self.defense).family
-        return getattr(self, key)
+        """Value for ``--only KEY=...`` filtering (see :data:`JOB_ONLY_KEYS`)."""
+        return selectable_field(self, key)
 
     def config(self):
         from bench.training import TrainConfig

@@ -48,6 +48,19 @@ _KEYS = {"description", "datasets", "models", "images", "image_seed", "seeds", "
 ONLY_KEYS = ("dataset", "model", "attack", "defense", "family", "strength", "batch_size", "seed")
 
 
+def spec_id(spec: dict[str, Any]) -> str:
+    """Stable id of a canonical spec: the first 16 hex digits of the sha256 of its sorted, compact JSON."""
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def selectable_field(item: Any, key: str) -> Any:
+    """``item.key`` for ``--only`` filtering (:func:`select`); ``family`` is the defense's family."""
+    if key == "family":
+        return DEFENSES.get(item.defense).family
+    return getattr(item, key)
+
+
 @dataclass(frozen=True)
 class Cell:
     dataset: str
@@ -70,13 +83,10 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        blob = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return spec_id(self.spec())
 
     def field(self, key: str) -> Any:
-        if key == "family":
-            return DEFENSES.get(self.defense).family
-        return getattr(self, key)
+        return selectable_field(self, key)
 
 
 @dataclass(frozen=True)

@@ -535,11 +535,13 @@ def _footer(records: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------------------- figures
 
 
-def _style() -> dict[str, Any]:
-    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), **STYLE}
+def figure_style(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's matplotlib style: seaborn whitegrid/paper, then ``overrides`` (default :data:`STYLE`)."""
+    extra = STYLE if overrides is None else overrides
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), **extra}
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -623,8 +625,8 @@ def plot_leakage_vs_strength(summary: pd.DataFrame, facets: list[str]) -> Figure
     palettes = {family: _palette(summary, family) for family, _ in families}
     groups = _facet_groups(summary, facets)
     nrows = max(len(families), 1)
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(PANEL_IN[0] * len(groups) + 1.2, PANEL_IN[1] * nrows + 0.7)
+    with matplotlib.rc_context(figure_style()):
+        fig = new_figure(PANEL_IN[0] * len(groups) + 1.2, PANEL_IN[1] * nrows + 0.7)
         axes = fig.subplots(nrows, len(groups), squeeze=False, sharey=True)
         for c, (values, idx) in enumerate(groups):
             _strength_column(axes[:, c], summary.loc[idx], families, palettes)
@@ -670,7 +672,8 @@ def _hwc(image: np.ndarray) -> np.ndarray:
     return np.repeat(hwc, 3, axis=-1) if hwc.shape[-1] == 1 else hwc
 
 
-def _tile(ax: Axes, image: np.ndarray | None, caption: str) -> None:
+def image_tile(ax: Axes, image: np.ndarray | None, caption: str = "", fontsize: float = 8) -> None:
+    """One image (uint8 [C, H, W]) in a bare axes, caption below; blank axes for None."""
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -678,7 +681,8 @@ def _tile(ax: Axes, image: np.ndarray | None, caption: str) -> None:
         spine.set_visible(False)
     if image is not None:
         ax.imshow(_hwc(image), interpolation="nearest")
-        ax.set_xlabel(caption, fontsize=8, labelpad=2)
+    if caption:
+        ax.set_xlabel(caption, fontsize=fontsize, labelpad=2)
 
 
 def plot_reconstructions(records: pd.DataFrame, arrays: CellArrays, facets: list[str],
@@ -687,25 +691,25 @@ def plot_reconstructions(records: pd.DataFrame, arrays: CellArrays, facets: list
     settings = order_settings(records)
     lanes = _first_lanes(records, arrays, facets)
     keys = sorted(lanes, key=lambda k: _facet_sort_key(k, facets, datasets))
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(LABEL_IN + 1.1 * TILE_IN * len(keys), 0.6 + 1.25 * TILE_IN * (len(settings) + 1))
+    with matplotlib.rc_context(figure_style()):
+        fig = new_figure(LABEL_IN + 1.1 * TILE_IN * len(keys), 0.6 + 1.25 * TILE_IN * (len(settings) + 1))
         axes = fig.subplots(len(settings) + 1, len(keys), squeeze=False)
         for c, key in enumerate(keys):
             shown = lanes[key]
             source = next((shown[lab] for lab in settings if lab in shown), None)
             original = source[1] if source else None
-            _tile(axes[0][c], original, f"image {source[0]['image']}" if source else "")
+            image_tile(axes[0][c], original, f"image {source[0]['image']}" if source else "")
             axes[0][c].set_title(facet_label(dict(zip(facets, key))))
             for r, lab in enumerate(settings, start=1):
                 row, _, rec = shown.get(lab, (None, None, None))
-                _tile(axes[r][c], rec, f"SSIM {row['ssim']:.2f}" if row is not None else "")
+                image_tile(axes[r][c], rec, f"SSIM {row['ssim']:.2f}" if row is not None else "")
         for r, lab in enumerate(["original", *settings]):
             axes[r][0].set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=9)
         fig.suptitle("Reconstructions (first victim image)")
     return fig
 
 
-def _figure_bytes(fig: Figure, fmt: str) -> bytes:
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
     meta = PNG_META if fmt == "png" else PDF_META
     fig.savefig(buf, format=fmt, dpi=DPI, metadata=meta, facecolor="white")
@@ -746,7 +750,7 @@ def write_report(out: Path) -> list[Path]:
             files[FIGURE_ARRAYS] = bundle
     for stem, fig in plots.items():
         for fmt in ("png", "pdf"):
-            files[f"{stem}.{fmt}"] = _figure_bytes(fig, fmt)
+            files[f"{stem}.{fmt}"] = figure_bytes(fig, fmt)
     written = []
     for name, data in files.items():
         atomic_write_bytes(out / name, data)

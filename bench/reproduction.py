@@ -42,7 +42,6 @@ Rules (constants below):
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +53,20 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bench.metrics import match_reconstructions, parse_success
-from bench.report import CellArrays, format_interval, format_success, t_interval, wilson_interval
+from bench.report import (
+    CellArrays,
+    figure_bytes,
+    figure_style,
+    format_interval,
+    format_success,
+    image_tile,
+    new_figure,
+    t_interval,
+    wilson_interval,
+)
 from bench.store import atomic_write_bytes
 from defenses import format_strength
 
@@ -103,9 +111,6 @@ DUPLICATE_KEYS = ("dataset", "model", "attack", "defense_label", "batch_size", "
 STRONGER_IS_LARGER = {"variance": True, "sparsity": True, "bits": False}
 STRENGTH_UNITS = {"variance": "noise variance σ²", "sparsity": "sparsity (%)", "bits": "bits"}
 
-DPI = 200
-PNG_META = {"Software": None}
-PDF_META = {"Creator": None, "Producer": None, "CreationDate": None}
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
          "legend.fontsize": 7, "legend.title_fontsize": 7, "figure.titlesize": 9, "svg.hashsalt": "dlg-bench",
          "pdf.fonttype": 42}  # fmt: skip
@@ -798,37 +803,8 @@ def _latex(table: pd.DataFrame, caption: str, label: str) -> str:
 # ------------------------------------------------------------------------- figures
 
 
-def _style() -> dict[str, Any]:
-    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), **STYLE}
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _figure_bytes(fig: Figure, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=DPI, metadata=PNG_META if fmt == "png" else PDF_META, facecolor="white")
-    return buf.getvalue()
-
-
-def _hwc(image: np.ndarray) -> np.ndarray:
-    hwc = np.moveaxis(np.asarray(image, dtype=np.uint8), 0, -1)
-    return np.repeat(hwc, 3, axis=-1) if hwc.shape[-1] == 1 else hwc
-
-
 def _tile(ax: Axes, image: np.ndarray | None, caption: str = "") -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if image is not None:
-        ax.imshow(_hwc(image), interpolation="nearest")
-    if caption:
-        ax.set_xlabel(caption, fontsize=6, labelpad=2)
+    image_tile(ax, image, caption, fontsize=6)
 
 
 def _first_cells(records: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -867,8 +843,8 @@ def plot_iterations(arrays_of: CellArrays, records: pd.DataFrame, datasets: Sequ
     if not rows:
         return None
     ncols = max(len(r[1]) for r in rows) + 1
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(max(1.0 + TILE_IN * ncols, 4.0), 0.7 + 1.05 * TILE_IN * len(rows))
+    with matplotlib.rc_context(figure_style(STYLE)):
+        fig = new_figure(max(1.0 + TILE_IN * ncols, 4.0), 0.7 + 1.05 * TILE_IN * len(rows))
         axes = fig.subplots(len(rows), ncols, squeeze=False)
         for i, (d, snaps, orig) in enumerate(rows):
             for j in range(ncols):
@@ -912,8 +888,8 @@ def plot_family(arrays_of: CellArrays, records: pd.DataFrame, family: str,
     rows = [d for d in datasets if d in set(fam["dataset"])]
     palette = dict(zip(labels, sns.color_palette("viridis", len(labels))))
     ncols = len(columns) + 1
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(1.0 + TILE_IN * ncols + 3.4, 0.7 + max(1.05 * TILE_IN, 1.5) * len(rows))
+    with matplotlib.rc_context(figure_style(STYLE)):
+        fig = new_figure(1.0 + TILE_IN * ncols + 3.4, 0.7 + max(1.05 * TILE_IN, 1.5) * len(rows))
         left, right = fig.subfigures(1, 2, width_ratios=[1.0 + TILE_IN * ncols, 3.4])
         tiles = left.subplots(len(rows), ncols, squeeze=False)
         curves = right.subplots(len(rows), 1, squeeze=False, sharex=True)
@@ -980,8 +956,8 @@ def plot_tradeoff(leak: pd.DataFrame, acc: pd.DataFrame, datasets: Sequence[str]
         set(merged["family"]) - set(FAMILY_ORDER))
     colors = dict(zip(families, sns.color_palette("colorblind", len(families))))
     markers = dict(zip(families, "osD^vP*X"))
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(3.3 * len(panels) + 1.2, 3.0)
+    with matplotlib.rc_context(figure_style(STYLE)):
+        fig = new_figure(3.3 * len(panels) + 1.2, 3.0)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, d in zip(axes, panels):
             m = merged[merged["dataset"] == d].reset_index(drop=True)
@@ -1021,8 +997,8 @@ def plot_batch_size(records: pd.DataFrame, datasets: Sequence[str]) -> Figure | 
     panels = (("closures", "closures (objective evaluations) used"), ("ssim", "final SSIM (higher = more leakage)"))
     colors = dict(zip(datasets, sns.color_palette("colorblind", len(datasets))))
     sizes = sorted(int(b) for b in r["batch_size"].unique())
-    with matplotlib.rc_context(_style()):
-        fig = _new_figure(7.0, 2.8)
+    with matplotlib.rc_context(figure_style(STYLE)):
+        fig = new_figure(7.0, 2.8)
         axes = fig.subplots(1, 2, squeeze=False)[0]
         for ax, (col, ylabel) in zip(axes, panels):
             for d in datasets:
@@ -1215,7 +1191,7 @@ def write_reproduction(out: Path, records: pd.DataFrame, accuracy: pd.DataFrame 
         figures["Victim batch size"] = "figures/batch_size"
     for stem, fig in plots.items():
         for fmt in ("png", "pdf"):
-            files[f"{stem}.{fmt}"] = _figure_bytes(fig, fmt)
+            files[f"{stem}.{fmt}"] = figure_bytes(fig, fmt)
 
     setup = _setup_lines(scoped, acc_rows, info)
     files["REPRODUCTION.md"] = render_markdown(claims, info, notes, setup, figures, figure_notes).encode()
