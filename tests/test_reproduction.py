@@ -270,3 +270,31 @@ def test_pareto_front() -> None:
     y = [0.9, 0.2, 0.1, 0.95, 0.3, 0.0]
     assert pareto_front(x, y) == [0, 1, 2]
     assert pareto_front([], []) == []
+
+
+# -- the committed paper results ---------------------------------------------------------------------------
+
+PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_INPUTS = ("records.csv", "accuracy", "run.json", "figure_arrays.npz")
+
+
+def test_committed_paper_report_regenerates_identically_from_its_records(tmp_path):
+    """results/paper keeps the run's records (not the cells store): `bench report` on them alone
+    must rebuild every committed table, summary and REPRODUCTION.md byte for byte, and the same figures."""
+    import shutil
+
+    from bench.cli import main
+
+    for name in PAPER_INPUTS:
+        src = PAPER / name
+        assert src.exists(), f"{src} is not committed"
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    committed = {p.relative_to(PAPER) for p in PAPER.rglob("*") if p.is_file()}
+    committed = {p for p in committed if p.parts[0] != "cells"}  # a local store, never committed
+    produced = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert produced == committed
+    for rel in sorted(committed):
+        if rel.parts[0] in ("figures", "accuracy") or rel.name == "figure_arrays.npz":
+            continue  # figures: same files (checked above); their bytes depend on the matplotlib build
+        assert (tmp_path / rel).read_bytes() == (PAPER / rel).read_bytes(), f"{rel} differs from the committed one"
