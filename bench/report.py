@@ -166,7 +166,7 @@ def load_records(out: Path) -> pd.DataFrame:
 
     A committed results folder keeps records.csv, accuracy/ and run.json but not the
     store (its arrays are large), so its tables and REPRODUCTION.md can be regenerated
-    from the records alone; figures that show images then draw blank tiles.
+    from the records alone; image figures read ``figure_arrays.npz`` (blank tiles without it).
     """
     out = Path(out)
     path = out / "records.csv"
