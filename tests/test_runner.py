@@ -111,6 +111,8 @@ def test_bad_preset_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, patc
     (["run", "--preset", TINY, "--only", "colour=red"], "--only colour: unknown key"),
     (["run", "--preset", TINY, "--only", "dataset=mnist"], "not in preset"),
     (["run", "--preset", TINY, "--only", "defense=laplacian"], "selects no cell"),
+    (["run", "--preset", TINY, "--workers", "many"], "--workers: expected a positive integer or 'auto'"),
+    (["run", "--preset", TINY, "--workers", "0"], "--workers and --lanes must be >= 1"),
     (["report", "--out", "/nonexistent/x"], "does not exist"),
 ])
 def test_bad_cli_input_is_one_line_exit_2(tmp_path, capsys, args, message):
