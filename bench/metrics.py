@@ -42,7 +42,6 @@ from bench.errors import UserError
 from bench.registry import Registry
 
 __all__ = [
-    "IMAGE_METRICS",
     "METRICS",
     "Metric",
     "SuccessRule",
@@ -160,9 +159,6 @@ METRICS.register(
     ),
 )
 
-#: Image metrics in the order they appear in score rows.
-IMAGE_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim")
-
 
 def _batch(x: np.ndarray, what: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
@@ -207,7 +203,7 @@ def score_images(
     true_labels: Sequence[int],
     rec_labels: Sequence[int] | None,
 ) -> list[dict[str, float]]:
-    """One dict per original image: ``mse``, ``psnr``, ``ssim``, ``label_acc``.
+    """One dict per original image with every registered metric (``mse``, ``psnr``, ``ssim``, ``label_acc``, ...).
 
     Originals are first matched to reconstructions (:func:`match_reconstructions`).
     ``label_acc`` for original i is 1.0 if the label recovered for its matched
@@ -227,8 +223,13 @@ def score_images(
         )
     rows = []
     for i, j in enumerate(perm):
-        row = {name: METRICS.get(name).fn(orig[i], recs[j]) for name in IMAGE_METRICS}
-        row["label_acc"] = math.nan if rec_lab is None else float(rec_lab[j] == true[i])
+        row = {}
+        for name in METRICS.names():
+            m = METRICS.get(name)
+            if m.on == "images":
+                row[name] = m.fn(orig[i], recs[j])
+            else:  # label metrics score original i's label against its matched slot's
+                row[name] = math.nan if rec_lab is None else m.fn(true[i : i + 1], rec_lab[j : j + 1])
         rows.append(row)
     return rows
 

@@ -6,7 +6,7 @@ unknown names with a one-line error listing the allowed ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from bench.errors import UserError
@@ -24,14 +24,6 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
         return obj
-
-    def add(self, name: str) -> Callable[[T], T]:
-        """Decorator form of :meth:`register`."""
-
-        def deco(obj: T) -> T:
-            return self.register(name, obj)
-
-        return deco
 
     def get(self, name: str, *, key: str | None = None) -> T:
         try:

@@ -109,7 +109,6 @@ SETTING_KEYS = ("family", "defense", "parameter", "strength", "defense_label")
 DUPLICATE_KEYS = ("dataset", "model", "attack", "defense_label", "batch_size", "seed", "image", "slot", "lane_seed")
 #: For which strength parameters a larger value is a stronger defense.
 STRONGER_IS_LARGER = {"variance": True, "sparsity": True, "bits": False}
-STRENGTH_UNITS = {"variance": "noise variance σ²", "sparsity": "sparsity (%)", "bits": "bits"}
 
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
          "legend.fontsize": 7, "legend.title_fontsize": 7, "figure.titlesize": 9, "svg.hashsalt": "dlg-bench",

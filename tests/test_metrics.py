@@ -279,3 +279,15 @@ def test_bad_success_rule(spec, needle):
 def test_success_custom_key():
     with pytest.raises(UserError, match=r"^attack\.success\.metric: unknown"):
         parse_success({"metric": "x", "threshold": 1}, key="attack.success")
+
+
+def test_score_images_scores_every_registered_metric(monkeypatch):
+    """A newly registered image metric appears in the score rows with no change elsewhere."""
+    from bench.metrics import METRICS, Metric
+
+    monkeypatch.setitem(METRICS._entries, "mean_abs", Metric("mean_abs", lambda o, r: float(np.abs(o - r).mean()),
+                                                            "lower", "mean absolute error"))
+    orig = np.zeros((1, 3, 8, 8))
+    rows = score_images(orig, orig + 0.25, [3], [3])
+    assert rows[0]["mean_abs"] == pytest.approx(0.25)
+    assert rows[0]["label_acc"] == 1.0 and rows[0]["mse"] == pytest.approx(0.0625)
