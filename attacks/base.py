@@ -31,6 +31,9 @@ class AttackBatch:
     batch_size: int  # victim batch size B
     lanes: list[Lane]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # At most this many lanes are computed together (None: all); the rest queue and take the
+    # place of lanes that stop. Changes speed and memory, never a lane's result.
+    slots: int | None = None
 
 
 @dataclass
@@ -46,9 +49,12 @@ class AttackResult:
 
 
 class Attack(Protocol):
+    """``progress(k)``, if given, is called as the attack advances: k more optimizer steps done,
+    averaged over the batch's lanes."""
+
     name: str
 
-    def __call__(self, batch: AttackBatch, *, progress: Callable[[int], None] | None = None,
+    def __call__(self, batch: AttackBatch, *, progress: Callable[[float], None] | None = None,
                  snapshot_steps: tuple[int, ...] = ()) -> AttackResult: ...
 
 

@@ -131,7 +131,7 @@ class DLGAttack:
         return torch.stack([idlg_labels(ln.target_grads, last) for ln in batch.lanes])
 
     # -- running -----------------------------------------------------------------------
-    def __call__(self, batch: AttackBatch, *, progress: Callable[[int], None] | None = None,
+    def __call__(self, batch: AttackBatch, *, progress: Callable[[float], None] | None = None,
                  snapshot_steps: tuple[int, ...] = ()) -> AttackResult:
         if self.label == "idlg" and batch.batch_size != 1:
             raise UserError(f"attack {self.name!r}: iDLG's label rule needs victim batch size 1, "
@@ -157,32 +157,45 @@ class DLGAttack:
     def _run_batched(self, batch, fixed, progress, snapshot_steps):
         params, targets, fixed = self._stack(batch, fixed)
         objective = self._objective(batch)
-        n = len(batch.lanes)
+        slots = min(batch.slots or len(batch.lanes), len(batch.lanes))
+        # Per-slot copies of each running lane's weights, targets and label: gathered once when
+        # a lane takes a slot, not every round.
+        held: dict = {"lanes": None}
 
-        def closure(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-            k = idx.numel()
-            if k == n:  # idx is sorted: all lanes, in order; no need to gather the weights
-                g, f = objective(z, params, targets, fixed)
-                return f, g
-            size = bucket_size(k, n)
+        def closure(z: Tensor, lanes: Tensor) -> tuple[Tensor, Tensor]:
+            k = lanes.numel()
+            size = bucket_size(k, slots)
             if size > k:  # pad with copies of a running lane so compiled shapes stay few
-                idx = torch.cat([idx, idx[:1].expand(size - k)])
+                lanes = torch.cat([lanes, lanes[:1].expand(size - k)])
                 z = torch.cat([z, z[:1].expand(size - k, -1)])
-            g, f = objective(z, {kk: v[idx] for kk, v in params.items()},
-                             {kk: v[idx] for kk, v in targets.items()}, fixed[idx])
+            if held["lanes"] is None or held["lanes"].numel() != size:
+                rows = torch.arange(size, device=lanes.device)
+                held.update(p={kk: v[lanes] for kk, v in params.items()},
+                            t={kk: v[lanes] for kk, v in targets.items()}, f=fixed[lanes])
+            else:
+                rows = (lanes != held["lanes"]).nonzero().squeeze(1)
+                for kk, v in params.items():
+                    held["p"][kk][rows] = v[lanes[rows]]
+                for kk, v in targets.items():
+                    held["t"][kk][rows] = v[lanes[rows]]
+                held["f"][rows] = fixed[lanes[rows]]
+            held["lanes"] = lanes
+            g, f = objective(z, held["p"], held["t"], held["f"])
             return f[:k], g[:k]
 
         n_img = batch.batch_size * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
         state = {"last": 0}
 
         def on_round(steps: Tensor) -> None:
-            lo = int(steps.min())
-            if progress is not None and lo > state["last"]:
-                progress(lo - state["last"])
-                state["last"] = lo
+            done = int(steps.sum())
+            if progress is not None and done > state["last"]:
+                progress((done - state["last"]) / n)
+                state["last"] = done
 
+        n = len(batch.lanes)
         optimizer = BatchedLBFGS(self.lbfgs, compile=self.engine == "compiled")
-        res = optimizer.run(closure, self.initial_point(batch), on_round=on_round, snapshot_steps=snapshot_steps)
+        res = optimizer.run(closure, self.initial_point(batch), slots=slots, on_round=on_round,
+                            snapshot_steps=snapshot_steps)
         snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
         return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps
 
@@ -235,7 +248,7 @@ class DLGAttack:
                 if len(snaps[k]) <= lane_i:
                     snaps[k].append(dummy.detach().cpu().flatten().clone())
             if progress is not None:
-                progress(s.steps)
+                progress(s.steps / len(batch.lanes))
             z = torch.cat([v.detach().flatten() for v in variables]).cpu()
             xs.append(z)
             statuses.append(status)

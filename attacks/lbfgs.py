@@ -107,6 +107,15 @@ class _History:
         self.start = torch.zeros(n, dtype=torch.long, device=dev)  # slot of the oldest pair
         self.lanes = torch.arange(n, device=dev)
 
+    def clear(self, slots: Tensor) -> None:
+        """Empty the history of ``slots`` (a new lane takes them over). The stale pairs must go:
+        an unused position's coefficient is 0 only because its s and y are 0."""
+        self.buf[slots] = 0
+        self.R[slots] = torch.eye(self.H, dtype=self.R.dtype, device=self.R.device)
+        self.YY[slots] = 0
+        self.len[slots] = 0
+        self.start[slots] = 0
+
     def take(self, keep: Tensor) -> None:
         """Keep only lanes ``keep`` (see the working set in :meth:`BatchedLBFGS.run`)."""
         self.buf, self.R, self.YY = self.buf[keep], self.R[keep], self.YY[keep]
@@ -205,56 +214,85 @@ class BatchedLBFGS:
         closure: BatchedClosure,
         x0: Tensor,
         *,
+        slots: int | None = None,
         on_round: Callable[[Tensor], None] | None = None,
         snapshot_steps: tuple[int, ...] = (),
     ) -> LBFGSResult:
-        """Optimise from ``x0`` [N, D]. ``on_round(steps_done)`` is called after every round with
-        each lane's finished step count (``steps`` for stopped lanes)."""
+        """Optimise from ``x0`` [N, D].
+
+        ``slots``: at most this many lanes advance together (default: all N). The others wait
+        in lane order; whenever a lane stops, the next waiting one takes over its slot, so the
+        batched closure stays full while lanes stop at very different steps. A lane's
+        iterates do not depend on its slot or on which lanes share its rounds.
+
+        ``on_round(steps_done)`` is called after every round with each lane's finished step
+        count (0 for waiting lanes, ``steps`` for stopped ones).
+        """
         s = self.s
         N, dim = x0.shape
         dev, dt = x0.device, x0.dtype
-        # The working set: lanes still running, by global lane id. Stopped lanes cost nothing
-        # in a round except where they share the working set with running ones; once half of
-        # the set has stopped, it is compacted (lanes stop at very different steps on DLG).
-        act = torch.arange(N, device=dev)
-        x = x0.detach().clone()
+        S = N if slots is None else max(1, min(int(slots), N))
+        # The working set: one row per slot, holding global lane ``act[row]``. While lanes wait,
+        # a stopped row is refilled; once none wait, the set is compacted when half of it has
+        # stopped, so stopped lanes cost nothing.
+        act = torch.arange(S, device=dev)
+        waiting = S  # the next lane to start
+        x = x0[:S].detach().clone()
         x_ok = x.clone()
-        status = torch.full((N,), RUNNING, dtype=torch.long, device=dev)
-        it = torch.zeros(N, dtype=torch.long, device=dev)  # iteration inside the current step; 0 = step start
-        n_iter = torch.zeros(N, dtype=torch.long, device=dev)  # torch's state['n_iter']
-        evals = torch.zeros(N, dtype=torch.long, device=dev)  # current_evals in this step
-        steps = torch.zeros(N, dtype=torch.long, device=dev)
-        closures = torch.zeros(N, dtype=torch.long, device=dev)
-        loss = torch.zeros(N, dtype=dt, device=dev)
-        prev_loss = torch.zeros(N, dtype=dt, device=dev)
-        g = torch.zeros(N, dim, dtype=dt, device=dev)
-        prev_g = torch.zeros(N, dim, dtype=dt, device=dev)
-        d = torch.zeros(N, dim, dtype=dt, device=dev)
-        t = torch.zeros(N, dtype=dt, device=dev)
-        h_diag = torch.ones(N, dtype=dt, device=dev)
-        final_loss = torch.full((N,), float("nan"), dtype=dt, device=dev)
-        hist = _History(N, s.history_size, dim, dt, dev)
+        status = torch.full((S,), RUNNING, dtype=torch.long, device=dev)
+        it = torch.zeros(S, dtype=torch.long, device=dev)  # iteration inside the current step; 0 = step start
+        n_iter = torch.zeros(S, dtype=torch.long, device=dev)  # torch's state['n_iter']
+        evals = torch.zeros(S, dtype=torch.long, device=dev)  # current_evals in this step
+        steps = torch.zeros(S, dtype=torch.long, device=dev)
+        closures = torch.zeros(S, dtype=torch.long, device=dev)
+        loss = torch.zeros(S, dtype=dt, device=dev)
+        prev_loss = torch.zeros(S, dtype=dt, device=dev)
+        g = torch.zeros(S, dim, dtype=dt, device=dev)
+        prev_g = torch.zeros(S, dim, dtype=dt, device=dev)
+        d = torch.zeros(S, dim, dtype=dt, device=dev)
+        t = torch.zeros(S, dtype=dt, device=dev)
+        h_diag = torch.ones(S, dtype=dt, device=dev)
+        final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
+        hist = _History(S, s.history_size, dim, dt, dev)
         algebra = compiled_algebra() if self.compile else _algebra
-        # Results by global lane id: written back from the working set when it shrinks and at the end.
-        out = {"x": x.clone(), "status": status.clone(), "closures": closures.clone(), "steps": steps.clone(),
-               "final_loss": final_loss.clone()}
+        # Results by global lane id: written when a lane leaves the working set and at the end.
+        out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),
+               "closures": torch.zeros(N, dtype=torch.long, device=dev),
+               "steps": torch.zeros(N, dtype=torch.long, device=dev),
+               "final_loss": torch.full((N,), float("nan"), dtype=dt, device=dev)}
         trace = torch.full((N, s.steps), float("nan"), dtype=dt, device=dev)
         rounds = 0
-        snaps = {k: x.clone() for k in snapshot_steps}
+        snaps = {k: x0.detach().clone() for k in snapshot_steps}
         snapped = {k: torch.full((N,), k == 0, dtype=torch.bool, device=dev) for k in snapshot_steps}
 
-        def store() -> None:
+        def store(rows: Tensor) -> None:
             for key, v in (("x", x), ("status", status), ("closures", closures), ("steps", steps),
                            ("final_loss", final_loss)):
-                out[key][act] = v
+                out[key][act[rows]] = v[rows]
 
         while True:
             run = status == RUNNING
             idx = run.nonzero().squeeze(1)  # the round's one host sync
+            if idx.numel() < act.numel() and waiting < N:
+                # Refill stopped rows with waiting lanes, each from its own fresh start.
+                rows = (~run).nonzero().squeeze(1)[: N - waiting]
+                store(rows)
+                lanes = torch.arange(waiting, waiting + rows.numel(), device=dev)
+                waiting += rows.numel()
+                act[rows] = lanes
+                x[rows] = x0[lanes].to(dt)
+                x_ok[rows] = x[rows]
+                for v in (status, it, n_iter, evals, steps, closures, loss, prev_loss, g, prev_g, d, t):
+                    v[rows] = 0  # RUNNING == 0
+                h_diag[rows] = 1
+                final_loss[rows] = float("nan")
+                hist.clear(rows)
+                run = status == RUNNING
+                idx = run.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            if idx.numel() <= act.numel() // 2:
-                store()
+            if waiting == N and idx.numel() <= act.numel() // 2:
+                store(torch.arange(act.numel(), device=dev))
                 act = act[idx]
                 (x, x_ok, status, it, n_iter, evals, steps, closures, loss, prev_loss, g, prev_g, d, t, h_diag,
                  final_loss) = (v[idx] for v in (x, x_ok, status, it, n_iter, evals, steps, closures, loss,
@@ -334,9 +372,9 @@ class BatchedLBFGS:
                 snaps[k][act] = torch.where(new[:, None], x, snaps[k][act])
                 snapped[k][act] |= new
             if on_round is not None:
-                done = torch.full((N,), s.steps, dtype=torch.long, device=dev)
+                done = (torch.arange(N, device=dev) < waiting).long() * s.steps
                 on_round(done.index_put_((act,), torch.where(status == RUNNING, steps, s.steps)))
-        store()
+        store(torch.arange(act.numel(), device=dev))
         x, status = out["x"], out["status"]
         for k in snapshot_steps:  # lanes that stopped before step k keep their final iterate
             snaps[k] = torch.where(snapped[k][:, None], snaps[k], x)

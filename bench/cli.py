@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results folder (default: results/<preset>)")
     r.add_argument("--workers", default="auto",
                    help="worker processes (default auto: one per CPU core, one on CUDA)")
-    r.add_argument("--lanes", type=int, default=32, help="max attacks batched in one work unit (default 32)")
+    r.add_argument("--lanes", type=int, default=32,
+                   help="attacks computed together in a worker (default 32); a work unit queues up to 4x as many")
     r.add_argument("--only", action="append", metavar="KEY=V1,V2",
                    help="run only matching cells; repeatable, e.g. --only defense=none --only dataset=mnist,lfw")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--data-root")
     pf.add_argument("--dataset", default="cifar10")
     pf.add_argument("--attacks", type=int, default=64, help="attacks in the batched run")
+    pf.add_argument("--lanes", type=int, default=32,
+                    help="attacks the batched engine computes together; the others queue for a slot (default 32)")
     pf.add_argument("--serial-attacks", type=int, default=4, help="attacks timed one at a time")
     pf.add_argument("--steps", type=int, default=300)
     pf.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both engines run")

@@ -4,8 +4,9 @@ Both engines attack real images of one dataset with the paper's DLG (lenet-dlg, 
 L-BFGS steps, no defense), with lanes built exactly as :func:`bench.runner.run_unit`
 builds them (seed 0): the serial reference (``engine="serial"``, the paper's code,
 one attack at a time) on the first ``--serial-attacks`` images, the batched engine
-(``engine="compiled"``) on ``--attacks`` images that start with those same images, so
-the shared images get the same weights, targets and dummy initialisation.
+(``engine="compiled"``, ``--lanes`` attacks at a time, the rest queued for a slot) on
+``--attacks`` images that start with those same images, so the shared images get the
+same weights, targets and dummy initialisation.
 
 Printed: attacks per minute for each engine (the batched figure with and without its
 one-off compilation, which a short warm-up run measures), their ratio, ms per
@@ -18,6 +19,7 @@ serial.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -84,6 +86,7 @@ def run_perf(args: argparse.Namespace) -> int:
     attacks = _positive_int("attacks", args.attacks)
     serial_n = _positive_int("serial-attacks", args.serial_attacks)
     steps = _positive_int("steps", args.steps)
+    lanes = _positive_int("lanes", getattr(args, "lanes", 32))
     if serial_n > attacks:
         raise UserError(f"perf: --serial-attacks ({serial_n}) must not exceed --attacks ({attacks}): "
                         "the serial images are the first of the batched ones")
@@ -95,6 +98,7 @@ def run_perf(args: argparse.Namespace) -> int:
         raise UserError("perf: --device cuda: no CUDA device is available; use --device cpu")
     root = resolve_data_root(args.data_root)
     batch, images, indices = build_batch(args.dataset, attacks, root, device)
+    batch = dataclasses.replace(batch, slots=lanes)
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"perf: {args.dataset} images {indices[:serial_n]}{'...' if attacks > serial_n else ''}, {MODEL}, "
@@ -115,8 +119,8 @@ def run_perf(args: argparse.Namespace) -> int:
     res_b = batched(batch)
     closures_b = int(res_b.closures.sum())
     with_compile = res_b.seconds + warmup
-    print(f"batched: {attacks} attacks in {res_b.seconds:.1f} s (+ {warmup:.1f} s warm-up with compilation)",
-          flush=True)
+    print(f"batched: {attacks} attacks, {min(lanes, attacks)} at a time, in {res_b.seconds:.1f} s "
+          f"(+ {warmup:.1f} s warm-up with compilation)", flush=True)
 
     per_min_s = 60 * serial_n / res_s.seconds
     per_min_b = 60 * attacks / with_compile
@@ -157,7 +161,7 @@ def run_perf(args: argparse.Namespace) -> int:
         figures = {
             "dataset": args.dataset, "device": device, "model": MODEL, "steps": steps, "threads": threads,
             "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "serial_attacks": serial_n, "batched_attacks": attacks,
+            "cpu_count": os.cpu_count(), "serial_attacks": serial_n, "batched_attacks": attacks, "lanes": lanes,
             "serial_seconds": res_s.seconds, "batched_seconds": res_b.seconds, "warmup_seconds": warmup,
             "attacks_per_min_serial": per_min_s, "attacks_per_min_batched": per_min_b,
             "attacks_per_min_batched_without_compile": per_min_b_warm, "speedup": speedup,

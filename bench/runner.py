@@ -67,6 +67,7 @@ class Unit:
     data_root: str
     device: str
     engine: str | None
+    slots: int  # attacks computed together; the unit's other attacks queue for a slot
     snapshot_steps: tuple[int, ...] = ()
 
     @property
@@ -74,8 +75,18 @@ class Unit:
         return sum(c.images for c in self.cells)
 
 
-def plan_units(cells: list[Cell], lanes_per_unit: int) -> list[list[Cell]]:
-    """Group cells by (dataset, model, attack, settings, batch size); pack whole cells up to the lane budget."""
+QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
+
+
+def plan_units(cells: list[Cell], slots: int) -> list[list[Cell]]:
+    """Group cells by (dataset, model, attack, settings, batch size); split each group into the
+    fewest units of at most ``QUEUE_FACTOR * slots`` attacks, of near-equal size (whole cells),
+    largest first.
+
+    A unit runs ``slots`` attacks at a time and refills a slot as soon as its attack stops
+    (attacks stop after anywhere from 16 to 6,000 closures), so a unit several times
+    ``slots`` keeps its batch full for most of its life.
+    """
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         key = (c.dataset, c.model, c.attack, tuple(sorted(c.attack_settings.items())), c.batch_size,
@@ -83,17 +94,14 @@ def plan_units(cells: list[Cell], lanes_per_unit: int) -> list[list[Cell]]:
         groups.setdefault(key, []).append(c)
     units = []
     for group in groups.values():
-        cur: list[Cell] = []
-        for c in group:
-            if cur and sum(x.images for x in cur) + c.images > lanes_per_unit:
-                units.append(cur)
-                cur = []
-            cur.append(c)
-        if cur:
-            units.append(cur)
-    return units
-
-
+        n = min(len(group), -(-sum(c.images for c in group) // (QUEUE_FACTOR * slots)))
+        size, extra = divmod(len(group), n)
+        start = 0
+        for k in range(n):
+            stop = start + size + (k < extra)
+            units.append(group[start:stop])
+            start = stop
+    return sorted(units, key=lambda u: -sum(c.images for c in u))
 def resolve_datasets(preset: Preset, wanted: list[str], root: Path, download: bool) -> tuple[list[str], list[str]]:
     """Which datasets to run, and notices for the report. Applies the preset's missing-data policy."""
     notices: list[str] = []
@@ -160,7 +168,7 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
     lanes = [lanes[k] for k in order]
     lane_info = [lane_info[k] for k in order]
     batch = AttackBatch(model=arch, image_shape=(3, first.image_size, first.image_size), num_classes=C,
-                        batch_size=B, lanes=lanes, device=device)
+                        batch_size=B, lanes=lanes, device=device, slots=unit.slots)
     total_steps = attack.lbfgs.steps
     tick = (lambda k: progress(k * len(lanes) / total_steps)) if progress else None
     result = attack(batch, progress=tick, snapshot_steps=unit.snapshot_steps)
@@ -207,12 +215,21 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).nan_to_num(0.5) * 255).round().to(torch.uint8).numpy()
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+_THREADS = None  # in a worker: the driver's threads-per-worker advice, shared memory
+
+
+def _worker_init(advice) -> None:
+    global _THREADS
+    _THREADS = advice
+    torch.set_num_threads(advice.value)
 
 
 def _run_unit_in_worker(unit: Unit) -> list[dict]:
-    return run_unit(unit)
+    def follow_advice(_: float) -> None:  # called every round; reading shared memory is cheap
+        if _THREADS.value != torch.get_num_threads():
+            torch.set_num_threads(_THREADS.value)
+
+    return run_unit(unit, progress=follow_advice)
 
 
 def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, workers: int, lanes: int,
@@ -229,7 +246,7 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
                 "notices": notices, "datasets": datasets, "data_root": str(data_root),
                 "cells": len(cells), "command": " ".join(sys.argv), **versions()}
     atomic_write_json(out / "run.json", run_info)
-    units = [Unit(u, str(data_root), device, engine, snapshot_steps) for u in plan_units(todo, lanes)]
+    units = [Unit(u, str(data_root), device, engine, lanes, snapshot_steps) for u in plan_units(todo, lanes)]
     total = sum(u.lanes for u in units)
     started = time.perf_counter()
     bar = tqdm(total=total, unit="attack", disable=quiet or total == 0, file=sys.stderr, dynamic_ncols=True,
@@ -248,13 +265,18 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
             save(run_unit(u, progress=bar.update))
             bar.update(before + u.lanes - bar.n)
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                                 initargs=(threads,)) as pool:
+        cores = os.cpu_count() or 1
+        ctx = get_context("spawn")
+        advice = ctx.Value("i", max(1, cores // workers), lock=False)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(advice,)) as pool:
             futures = {pool.submit(_run_unit_in_worker, u): u for u in units}
             for fut in as_completed(futures):
                 save(fut.result())
                 bar.update(futures[fut].lanes)
+                # Fewer units left than workers: idle workers' cores go to the busy ones.
+                left = sum(not f.done() for f in futures)
+                if 0 < left < workers:
+                    advice.value = max(advice.value, cores // left)
     bar.close()
     return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "units": len(units),
             "seconds": time.perf_counter() - started}

@@ -8,6 +8,7 @@ eager fallback when compiling fails; DLG batched vs the paper's serial code. Slo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -121,18 +122,21 @@ def sub(batch: AttackBatch, lanes: list[int]) -> AttackBatch:
 # ----------------------------------------------------------------------------- L-BFGS vs torch.optim.LBFGS
 
 
-@pytest.mark.parametrize(("history_size", "max_iter"), [(2, 2), (2, 3), (100, 2)])
-def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter):
+@pytest.mark.parametrize(("history_size", "max_iter", "slots"), [(2, 2, None), (2, 3, None), (100, 2, None),
+                                                                  (2, 3, 2), (100, 2, 1)])
+def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots):
     """Every lane follows torch.optim.LBFGS step by step: same loss per step, same final x.
 
     float64 on a smooth convex objective, where L-BFGS is not chaotic, so the matrix form
     of the two-loop recursion agrees with torch's loops to ~1e-13. history_size=2 makes
     every lane evict history, 100 is the default; max_iter 2-3 makes 25 steps 50-75
     iterations, and lanes stop at different steps (lane 0 within a few, some at the budget).
+    With ``slots`` fewer than the lanes, waiting lanes take over the slots (and the history
+    buffers) of stopped ones: each must still start from scratch.
     """
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=25, max_iter=max_iter, history_size=history_size)
-    res = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0)
+    res = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
     assert res.status[0] == "converged" and int(res.steps[0]) < 10
     assert max(int(v) for v in res.steps) >= 20
     for k in range(5):
@@ -167,10 +171,14 @@ def test_diverging_lane_is_frozen_and_isolated():
 
 
 def test_lane_alone_equals_lane_in_batch():
-    """The DLG objective, float64, eager: a lane's run alone equals its run among 5 lanes."""
+    """The DLG objective, float64, eager: a lane's run alone equals its run among 5 lanes, and
+    among 5 lanes that share 2 slots."""
     batch = dlg_batch(5, dtype=F64)
     attack = ATTACKS.get("dlg").make(steps=3, engine="eager", dtype="float64")
     together = attack(batch)
+    queued = attack(dataclasses.replace(batch, slots=2))  # lanes wait for a slot, then run the same
+    for field in ("loss_trace", "reconstructions", "closures", "final_loss"):
+        torch.testing.assert_close(getattr(queued, field), getattr(together, field), rtol=1e-9, atol=1e-12)
     for k in (0, 3):
         alone = attack(sub(batch, [k]))
         torch.testing.assert_close(alone.loss_trace[0], together.loss_trace[k], rtol=1e-9, atol=0)

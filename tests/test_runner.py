@@ -201,3 +201,19 @@ def test_smoke_preset_on_real_data(tmp_path, data_root, capsys):
     assert set(rec.family) == {"none", "noise", "precision", "sparsity"}
     assert rec.dataset_origin.str.contains(str(data_root)).all()
     assert rec[["mse", "ssim", "psnr"]].notna().all().all()
+
+
+def test_units_split_groups_evenly_and_cover_every_cell():
+    """Each unit holds one (dataset, model, attack, ...) group's whole cells, at most QUEUE_FACTOR x
+    slots attacks, groups split into near-equal units, largest first; every cell exactly once."""
+    from bench.config import load_preset
+    from bench.runner import QUEUE_FACTOR, plan_units
+
+    cells = load_preset("paper").cells(["mnist", "lfw"])  # 21 cells of 8 attacks per dataset
+    units = plan_units(cells, 32)
+    assert sorted(c.cell_id for u in units for c in u) == sorted(c.cell_id for c in cells)
+    sizes = [sum(c.images for c in u) for u in units]
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) <= QUEUE_FACTOR * 32
+    assert all(len({c.dataset for c in u}) == 1 for u in units)
+    assert sorted(len(u) for u in units) == [10, 10, 11, 11]  # 168 attacks -> 2 units per dataset
+    assert len(plan_units(cells, 1)) == len(cells)  # a cell is never split
