@@ -150,6 +150,18 @@ def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots):
         torch.testing.assert_close(res.x[k], x, rtol=0, atol=1e-9 * float(x.abs().max()))
 
 
+@pytest.mark.parametrize("slots", [None, 2])
+def test_snapshot_at_step_k_is_the_iterate_after_k_steps(slots):
+    """The step-k snapshot equals the final iterate of a k-step run (a lane stopped earlier: its final one)."""
+    f, x0 = smooth_lanes()
+    s = LBFGSSettings(steps=12, max_iter=3, history_size=4)
+    long = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots, snapshot_steps=(0, 3, 7))
+    torch.testing.assert_close(long.snapshots[0], x0, rtol=0, atol=0)
+    for k in (3, 7):
+        short = BatchedLBFGS(dataclasses.replace(s, steps=k), compile=False).run(batched_closure(f), x0, slots=slots)
+        torch.testing.assert_close(long.snapshots[k], short.x, rtol=0, atol=0)
+
+
 def test_diverging_lane_is_frozen_and_isolated():
     """A lane whose objective turns NaN is marked diverged at its last finite iterate; every
     other lane is bit for bit what it is when that lane behaves (the compiled update included)."""
