@@ -21,8 +21,9 @@ Performance notes: a round is the closure, two batched products over the [N, 2H,
 history (pass 1 with a contiguous [N, 2, D] operand: with a [N, D, 2] one MKL takes a
 ~3x slower path), and a few fixed-shape, mask-based tensor expressions over all lanes (no
 per-lane Python, one host sync per round). The small [H, H] matrices are kept in
-chronological order so the solves need no gathers, and the algebra between the passes
-runs under ``torch.compile``. Splitting the lanes into L3-sized chunks (so that pass 2
+chronological order so the solves need no gathers. The per-round bookkeeping (arrival of
+an evaluation, the move) and the algebra between the passes are pure functions run
+under ``torch.compile``, a few fused kernels instead of dozens of small ones. Splitting the lanes into L3-sized chunks (so that pass 2
 re-reads the history from cache) was measured and does not pay on CPU: pass 1 is bound
 by BLAS's thin-matrix kernel rather than by DRAM, and the per-chunk call overhead eats
 the cache gain.
@@ -188,25 +189,104 @@ def _algebra(dots: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor,
     return coef, R, YY, start, length, slot
 
 
-_COMPILED: dict[str, Callable] = {}
+def _arrive(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, status: Tensor, it: Tensor,
+            n_iter: Tensor, evals: Tensor, steps: Tensor, closures: Tensor, loss: Tensor, g: Tensor, prev_g: Tensor,
+            prev_loss: Tensor, d: Tensor, t: Tensor, h_diag: Tensor, final_loss: Tensor,
+            limits: tuple) -> tuple[Tensor, ...]:
+    """A round's evaluation arrives (rows ``run``): divergence, torch's break tests, and the start
+    of the next iteration up to the direction (which needs the history). Pure, fixed-shape."""
+    max_steps, _, _, eval_budget, tolerance_grad, tolerance_change = limits
+    closures = closures + run
+    ok = run & torch.isfinite(f_new) & torch.isfinite(g_new).all(1)
+    # Diverged lanes are frozen at their last finite iterate; nothing of theirs is stored.
+    status = torch.where(run & ~ok, DIVERGED, status)
+    x = torch.where((run & ~ok)[:, None], x_ok, x)
+    x_ok = torch.where(ok[:, None], x, x_ok)
+    loss = torch.where(ok, f_new, loss)
+    g = torch.where(ok[:, None], g_new, g)
+    final_loss = torch.where(ok, loss, final_loss)
+    opt_cond = ok & (g.abs().amax(1) <= tolerance_grad)
+    # Evaluation at the start of a step: its loss is what step() returns (trace column ``col``).
+    start = ok & (it == 0)
+    col = steps.clamp(max=max_steps - 1)
+    evals = torch.where(start, 1, evals)
+    status = torch.where(start & opt_cond, CONVERGED, status)  # torch returns at once, and
+    steps = steps + (start & opt_cond)  # every later step would repeat this
+    # Evaluation after a move inside a step: torch's break tests.
+    inner = ok & (it > 0)
+    evals = evals + inner
+    brk = inner & (
+        (evals >= eval_budget)
+        | opt_cond
+        | (d.abs().amax(1) * t.abs() <= tolerance_change)  # = |d t|_max, rounding is monotonic
+        | ((loss - prev_loss).abs() < tolerance_change)
+    )
+    # A break ends the step; the next round re-evaluates the same point, as torch's next step() does.
+    steps = steps + brk
+    it = torch.where(brk, 0, it)
+    status = torch.where(brk & (steps >= max_steps), BUDGET, status)
+    # The body of torch's `while n_iter < max_iter` loop, for lanes `go`.
+    go = (start & ~opt_cond) | (inner & ~brk)
+    it = it + go
+    n_iter = n_iter + go
+    first = go & (n_iter == 1)
+    y = g - prev_g
+    st = d * t[:, None]
+    ys = _dot(y, st)
+    yy = _dot(y, y)
+    # Curvature pair from the previous iteration (not on a lane's very first iteration).
+    push = go & ~first & (ys > 1e-10)
+    h_diag = torch.where(push, ys / yy, h_diag)
+    dots_new = torch.stack([ys, yy, _dot(st, g), _dot(y, g)], 1)
+    return (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first,
+            push, st, y, dots_new)
 
 
-def compiled_algebra() -> Callable:
-    """``_algebra`` under ``torch.compile`` (one fused kernel for the gathers, shifts and updates
-    around the two solves), or eager; see :func:`attacks.compiling.compile_or_eager`."""
-    key = os.environ.get("DLG_BENCH_COMPILE", "1")
+def _move(go: Tensor, first: Tensor, d_new: Tensor, g: Tensor, loss: Tensor, d: Tensor, prev_g: Tensor,
+          prev_loss: Tensor, t: Tensor, x: Tensor, it: Tensor, steps: Tensor, status: Tensor,
+          limits: tuple) -> tuple[Tensor, ...]:
+    """The rest of the iteration for rows ``go``: step size, descent test, the move. Pure, fixed-shape."""
+    max_steps, lr, max_iter, _, _, tolerance_change = limits
+    d = torch.where(go[:, None], d_new, d)
+    prev_g = torch.where(go[:, None], g, prev_g)
+    prev_loss = torch.where(go, loss, prev_loss)
+    t_first = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * lr
+    t = torch.where(go, torch.where(first, t_first, torch.full_like(t, lr)), t)
+    # Not a descent direction: torch ends the step without moving, and so do all later steps.
+    stuck = go & (_dot(g, d) > -tolerance_change)
+    steps = steps + stuck
+    it = torch.where(stuck, 0, it)
+    status = torch.where(stuck, CONVERGED, status)
+    mv = go & ~stuck
+    x = torch.where(mv[:, None], x + t[:, None] * d, x)
+    # At max_iter torch moves without evaluating and ends the step.
+    at_max = mv & (it == max_iter)
+    steps = steps + at_max
+    it = torch.where(at_max, 0, it)
+    status = torch.where(at_max & (steps >= max_steps), BUDGET, status)
+    return d, prev_g, prev_loss, t, x, it, steps, status
+
+
+_COMPILED: dict[tuple[str, str], Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """A per-round function (``_algebra``, ``_arrive``, ``_move``) under ``torch.compile``, or eager;
+    see :func:`attacks.compiling.compile_or_eager`. Each fuses a few dozen small tensor
+    expressions over all lanes into a few kernels."""
+    key = (fn.__name__, os.environ.get("DLG_BENCH_COMPILE", "1"))
     if key not in _COMPILED:
         # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once
         # with a symbolic lane count instead of once per count.
-        _COMPILED[key] = compile_or_eager(_algebra, what="the L-BFGS update", dynamic=None)
+        _COMPILED[key] = compile_or_eager(fn, what="the L-BFGS update", dynamic=None)
     return _COMPILED[key]
 
 
 class BatchedLBFGS:
     """Runs ``settings.steps`` L-BFGS steps on N lanes; see the module docstring.
 
-    ``compile``: run the small per-round algebra under ``torch.compile`` (see
-    :func:`compiled_algebra`); it changes speed only, and results only by float rounding.
+    ``compile``: run the per-round bookkeeping and algebra under ``torch.compile`` (see
+    :func:`compiled`); it changes speed only, and results only by float rounding.
     """
 
     def __init__(self, settings: LBFGSSettings = LBFGSSettings(), *, compile: bool = True):
@@ -258,7 +338,9 @@ class BatchedLBFGS:
         h_diag = torch.ones(S, dtype=dt, device=dev)
         final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
         hist = _History(S, s.history_size, dim, dt, dev)
-        algebra = compiled_algebra() if self.compile else _algebra
+        algebra, arrive, move = (compiled(_algebra), compiled(_arrive), compiled(_move)) if self.compile else (
+            _algebra, _arrive, _move)
+        limits = (s.steps, s.lr, s.max_iter, s.eval_budget, s.tolerance_grad, s.tolerance_change)
         # Results by global lane id: written when a lane leaves the working set and at the end.
         out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),
                "closures": torch.zeros(N, dtype=torch.long, device=dev),
@@ -305,72 +387,18 @@ class BatchedLBFGS:
                 hist.take(idx)
                 run = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
                 idx = torch.arange(idx.numel(), device=dev)
-            m = act.numel()
             f_new, g_new = closure(x[idx], act[idx])
             rounds += 1
-            closures += run
             f_new, g_new = f_new.detach().to(dt), g_new.detach().to(dt)
-            finite = torch.isfinite(f_new) & torch.isfinite(g_new).all(1)
-            ok = torch.zeros(m, dtype=torch.bool, device=dev).index_put_((idx,), finite)
-            # Diverged lanes are frozen at their last finite iterate; nothing of theirs is stored.
-            status = torch.where(run & ~ok, DIVERGED, status)
-            x = torch.where((run & ~ok)[:, None], x_ok, x)
-            x_ok = torch.where(ok[:, None], x, x_ok)
-            loss = loss.index_put((idx,), torch.where(finite, f_new, loss[idx]))
-            g = g.index_put((idx,), torch.where(finite[:, None], g_new, g[idx]))
-            final_loss = torch.where(ok, loss, final_loss)
-            opt_cond = ok & (g.abs().amax(1) <= s.tolerance_grad)
-            # Evaluation at the start of a step: its loss is what step() returns.
-            start = ok & (it == 0)
-            col = steps.clamp(max=s.steps - 1)
+            if idx.numel() < act.numel():  # rows not running keep their values
+                f_new, g_new = loss.index_put((idx,), f_new), g.index_put((idx,), g_new)
+            (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first,
+             push, st, y, dots_new) = arrive(run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures,
+                                              loss, g, prev_g, prev_loss, d, t, h_diag, final_loss, limits)
             trace[act, col] = torch.where(start, loss, trace[act, col])
-            evals = torch.where(start, 1, evals)
-            status = torch.where(start & opt_cond, CONVERGED, status)  # torch returns at once, and
-            steps = steps + (start & opt_cond)  # every later step would repeat this
-            # Evaluation after a move inside a step: torch's break tests.
-            inner = ok & (it > 0)
-            evals = evals + inner
-            brk = inner & (
-                (evals >= s.eval_budget)
-                | opt_cond
-                | (d.abs().amax(1) * t.abs() <= s.tolerance_change)  # = |d t|_max, rounding is monotonic
-                | ((loss - prev_loss).abs() < s.tolerance_change)
-            )
-            # A break ends the step; the next round re-evaluates the same point, as torch's next step() does.
-            steps = steps + brk
-            it = torch.where(brk, 0, it)
-            status = torch.where(brk & (steps >= s.steps), BUDGET, status)
-
-            # The body of torch's `while n_iter < max_iter` loop, for lanes `go`.
-            go = (start & ~opt_cond) | (inner & ~brk)
-            it = it + go
-            n_iter = n_iter + go
-            first = go & (n_iter == 1)
-            y = g - prev_g
-            st = d * t[:, None]
-            ys = _dot(y, st)
-            yy = _dot(y, y)
-            # Curvature pair from the previous iteration (not on a lane's very first iteration).
-            push = go & ~first & (ys > 1e-10)
-            h_diag = torch.where(push, ys / yy, h_diag)
-            dots_new = torch.stack([ys, yy, _dot(st, g), _dot(y, g)], 1)
-            d = torch.where(go[:, None], hist.push_and_direction(g, st, y, dots_new, push, h_diag, algebra), d)
-            prev_g = torch.where(go[:, None], g, prev_g)
-            prev_loss = torch.where(go, loss, prev_loss)
-            t_first = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * s.lr
-            t = torch.where(go, torch.where(first, t_first, torch.full_like(t, s.lr)), t)
-            # Not a descent direction: torch ends the step without moving, and so do all later steps.
-            stuck = go & (_dot(g, d) > -s.tolerance_change)
-            steps = steps + stuck
-            it = torch.where(stuck, 0, it)
-            status = torch.where(stuck, CONVERGED, status)
-            mv = go & ~stuck
-            x = torch.where(mv[:, None], x + t[:, None] * d, x)
-            # At max_iter torch moves without evaluating and ends the step.
-            at_max = mv & (it == s.max_iter)
-            steps = steps + at_max
-            it = torch.where(at_max, 0, it)
-            status = torch.where(at_max & (steps >= s.steps), BUDGET, status)
+            d_new = hist.push_and_direction(g, st, y, dots_new, push, h_diag, algebra)
+            d, prev_g, prev_loss, t, x, it, steps, status = move(go, first, d_new, g, loss, d, prev_g, prev_loss, t, x,
+                                                                 it, steps, status, limits)
 
             if snapshot_steps:
                 new = (steps == snap_at) & ~snapped[:, act]  # [K, m]; mostly all False: test before copying

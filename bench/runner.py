@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -215,21 +215,24 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).nan_to_num(0.5) * 255).round().to(torch.uint8).numpy()
 
 
-_THREADS = None  # in a worker: the driver's threads-per-worker advice, shared memory
+_SHARED: dict = {}  # in a worker: shared memory with the driver (thread advice, attacks done)
 
 
-def _worker_init(advice) -> None:
-    global _THREADS
-    _THREADS = advice
-    torch.set_num_threads(advice.value)
+def _worker_init(threads, done) -> None:
+    _SHARED.update(threads=threads, done=done)
+    torch.set_num_threads(threads.value)
 
 
 def _run_unit_in_worker(unit: Unit) -> list[dict]:
-    def follow_advice(_: float) -> None:  # called every round; reading shared memory is cheap
-        if _THREADS.value != torch.get_num_threads():
-            torch.set_num_threads(_THREADS.value)
+    threads, done = _SHARED["threads"], _SHARED["done"]
 
-    return run_unit(unit, progress=follow_advice)
+    def report(attacks: float) -> None:  # called about once per round
+        with done.get_lock():
+            done.value += attacks
+        if threads.value != torch.get_num_threads():
+            torch.set_num_threads(threads.value)
+
+    return run_unit(unit, progress=report)
 
 
 def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, workers: int, lanes: int,
@@ -267,16 +270,21 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
     else:
         cores = os.cpu_count() or 1
         ctx = get_context("spawn")
-        advice = ctx.Value("i", max(1, cores // workers), lock=False)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(advice,)) as pool:
+        threads = ctx.Value("i", max(1, cores // workers), lock=False)
+        done = ctx.Value("d", 0.0)  # attacks done by the workers, fractional
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(threads, done)) as pool:
             futures = {pool.submit(_run_unit_in_worker, u): u for u in units}
-            for fut in as_completed(futures):
-                save(fut.result())
-                bar.update(futures[fut].lanes)
+            pending, finished = set(futures), 0
+            while pending:
+                ready, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    save(fut.result())
+                    finished += futures[fut].lanes
+                bar.update(max(done.value, finished, bar.n) - bar.n)
                 # Fewer units left than workers: idle workers' cores go to the busy ones.
-                left = sum(not f.done() for f in futures)
-                if 0 < left < workers:
-                    advice.value = max(advice.value, cores // left)
+                if ready and 0 < len(pending) < workers:
+                    threads.value = max(threads.value, cores // len(pending))
     bar.close()
     return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "units": len(units),
             "seconds": time.perf_counter() - started}
