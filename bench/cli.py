@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if jobs:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending_jobs(jobs, out)), unit="job", disable=args.quiet, file=sys.stderr)
+        bar = tqdm(total=len(pending_jobs(jobs, out)), unit="job", disable=args.quiet, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total} training jobs [{elapsed}<{remaining}]")
         acc = run_accuracy(jobs, out=out, data_root=root, device=device, progress=lambda x: bar.update(x - bar.n))
         bar.close()
         print(f"{acc['ran']} accuracy jobs run, {acc['skipped']} already stored, {acc['seconds']:.0f} s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -218,9 +219,24 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 _SHARED: dict = {}  # in a worker: shared memory with the driver (thread advice, attacks done)
 
 
-def _worker_init(threads, done) -> None:
+def _worker_init(threads, done, parent: int) -> None:
     _SHARED.update(threads=threads, done=done)
     torch.set_num_threads(threads.value)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose driver is killed (SIGKILL included) must not live on: an orphan would
+    finish its unit for nobody and hold its memory. Linux: ask the kernel for SIGKILL when
+    the parent dies; elsewhere workers end when the driver's pipe closes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the driver died before prctl took effect
+        os._exit(1)
 
 
 def _run_unit_in_worker(unit: Unit) -> list[dict]:
@@ -273,7 +289,7 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
         threads = ctx.Value("i", max(1, cores // workers), lock=False)
         done = ctx.Value("d", 0.0)  # attacks done by the workers, fractional
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(threads, done)) as pool:
+                                 initargs=(threads, done, os.getpid())) as pool:
             futures = {pool.submit(_run_unit_in_worker, u): u for u in units}
             pending, finished = set(futures), 0
             while pending:

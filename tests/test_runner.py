@@ -150,9 +150,30 @@ def test_run_writes_records_report_and_rerun_skips(tmp_path, capsys):
     assert "0 cells run, 8 already stored" in capsys.readouterr().out
 
 
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc; empty elsewhere)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_killed_run_resumes_to_the_same_table(tmp_path):
     """SIGKILL mid-run, rerun: nothing finished is lost and the table equals an uninterrupted run's."""
-    args = ["run", "--preset", TINY, "--lanes", "2", "--quiet", "--no-report"]
+    args = ["run", "--preset", TINY, "--lanes", "1", "--quiet", "--no-report"]
     full = tmp_path / "full"
     assert _run_cli([*args, "--out", str(full)]).returncode == 0
     killed = tmp_path / "killed"
@@ -162,8 +183,13 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list((killed / "cells").glob("*.json"))) < 2:
         time.sleep(0.05)
+    workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10  # the workers die with their driver (Linux: PR_SET_PDEATHSIG)
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], "workers outlived the killed driver"
     done_before = len(list((killed / "cells").glob("*.json")))
     assert 2 <= done_before < 8, "the kill should land mid-run"
     r = _run_cli([*args, "--out", str(killed)])
