@@ -157,7 +157,8 @@ class DLGAttack:
     def _run_batched(self, batch, fixed, progress, snapshot_steps):
         params, targets, fixed = self._stack(batch, fixed)
         objective = self._objective(batch)
-        slots = min(batch.slots or len(batch.lanes), len(batch.lanes))
+        n = len(batch.lanes)
+        slots = min(batch.slots or n, n)
         # Per-slot copies of each running lane's weights, targets and label: gathered once when
         # a lane takes a slot, not every round.
         held: dict = {"lanes": None}
@@ -192,7 +193,6 @@ class DLGAttack:
                 progress((done - state["last"]) / n)
                 state["last"] = done
 
-        n = len(batch.lanes)
         optimizer = BatchedLBFGS(self.lbfgs, compile=self.engine == "compiled")
         res = optimizer.run(closure, self.initial_point(batch), slots=slots, on_round=on_round,
                             snapshot_steps=snapshot_steps)

@@ -23,10 +23,10 @@ history (pass 1 with a contiguous [N, 2, D] operand: with a [N, D, 2] one MKL ta
 per-lane Python, one host sync per round). The small [H, H] matrices are kept in
 chronological order so the solves need no gathers. The per-round bookkeeping (arrival of
 an evaluation, the move) and the algebra between the passes are pure functions run
-under ``torch.compile``, a few fused kernels instead of dozens of small ones. Splitting the lanes into L3-sized chunks (so that pass 2
-re-reads the history from cache) was measured and does not pay on CPU: pass 1 is bound
-by BLAS's thin-matrix kernel rather than by DRAM, and the per-chunk call overhead eats
-the cache gain.
+under ``torch.compile``: a few fused kernels instead of dozens of small ones. Splitting
+the lanes into L3-sized chunks (so that pass 2 re-reads the history from cache) was
+measured and does not pay on CPU: pass 1 is bound by BLAS's thin-matrix kernel rather
+than by DRAM, and the per-chunk call overhead eats the cache gain.
 
 One "round" evaluates the closure once for every running lane. Where the serial
 optimiser would call the closure, the lane waits for the next round; everything in
