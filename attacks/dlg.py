@@ -170,16 +170,16 @@ class DLGAttack:
                 lanes = torch.cat([lanes, lanes[:1].expand(size - k)])
                 z = torch.cat([z, z[:1].expand(size - k, -1)])
             if held["lanes"] is None or held["lanes"].numel() != size:
-                rows = torch.arange(size, device=lanes.device)
                 held.update(p={kk: v[lanes] for kk, v in params.items()},
                             t={kk: v[lanes] for kk, v in targets.items()}, f=fixed[lanes])
             else:
-                rows = (lanes != held["lanes"]).nonzero().squeeze(1)
-                for kk, v in params.items():
-                    held["p"][kk][rows] = v[lanes[rows]]
-                for kk, v in targets.items():
-                    held["t"][kk][rows] = v[lanes[rows]]
-                held["f"][rows] = fixed[lanes[rows]]
+                rows = (lanes != held["lanes"]).nonzero().squeeze(1)  # slots taken over by another lane
+                if rows.numel():
+                    for kk, v in params.items():
+                        held["p"][kk][rows] = v[lanes[rows]]
+                    for kk, v in targets.items():
+                        held["t"][kk][rows] = v[lanes[rows]]
+                    held["f"][rows] = fixed[lanes[rows]]
             held["lanes"] = lanes
             g, f = objective(z, held["p"], held["t"], held["f"])
             return f[:k], g[:k]
