@@ -5,6 +5,7 @@ Skipped where no CUDA device exists (CI); run on a GPU machine with plain ``pyte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,8 +23,7 @@ TINY = str(Path(__file__).resolve().parent / "presets" / "tiny.toml")
 
 
 def _on(batch: AttackBatch, device: str) -> AttackBatch:
-    return AttackBatch(batch.model, batch.image_shape, batch.num_classes, batch.batch_size, batch.lanes,
-                       device=torch.device(device))
+    return dataclasses.replace(batch, device=torch.device(device))
 
 
 @pytest.mark.parametrize("engine", ["eager", "compiled", "serial"])
@@ -36,6 +36,21 @@ def test_attack_on_cuda_follows_the_cpu_trajectory(engine):
     assert gpu.status == cpu.status
     torch.testing.assert_close(gpu.loss_trace, cpu.loss_trace, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gpu.reconstructions, cpu.reconstructions, rtol=1e-5, atol=1e-6)
+
+
+def test_continuous_batching_on_cuda_follows_the_cpu_trajectory():
+    """5 lanes sharing 2 slots (lanes wait, then take over a stopped lane's slot and history) give
+    on CUDA what they give on the CPU, and what all 5 lanes at once give on CUDA."""
+    batch, _ = _batch(5, dtype=torch.float64)
+    attack = ATTACKS.get("dlg").make(steps=3, max_iter=4, engine="compiled", dtype="float64")
+    queued = dataclasses.replace(batch, slots=2)
+    cpu, gpu = attack(_on(queued, "cpu")), attack(_on(queued, "cuda"))
+    together = attack(_on(batch, "cuda"))
+    for ref in (cpu, together):
+        assert gpu.status == ref.status
+        assert gpu.closures.tolist() == ref.closures.tolist()
+        torch.testing.assert_close(gpu.loss_trace, ref.loss_trace, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gpu.reconstructions, ref.reconstructions, rtol=1e-5, atol=1e-6)
 
 
 def test_attack_float32_on_cuda_starts_like_cpu_and_mostly_succeeds():
