@@ -18,8 +18,7 @@ twice with batched matrix products (once for ``S^T g, Y^T g, S^T y, Y^T y``, onc
 rounding differs in the last bits.
 
 Performance notes: a round is the closure, two batched products over the [N, 2H, D]
-history (pass 1 with a contiguous [N, 2, D] operand: with a [N, D, 2] one MKL takes a
-~3x slower path), and a few fixed-shape, mask-based tensor expressions over all lanes (no
+history, and a few fixed-shape, mask-based tensor expressions over all lanes (no
 per-lane Python, one host sync per round). The small [H, H] matrices are kept in
 chronological order so the solves need no gathers. The per-round bookkeeping (arrival of
 an evaluation, the move) and the algebra between the passes are pure functions run
@@ -134,8 +133,9 @@ class _History:
         (y.s, y.y, s.g, y.g)."""
         H, buf, ar = self.H, self.buf, self.lanes
         # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot.
-        # A contiguous [n, 2, D] operand, transposed, is the layout BLAS reads fastest.
-        dots = torch.bmm(buf, torch.stack([g, y], 1).transpose(1, 2))
+        # As [n, 2, D] x [n, D, 2H] (the history transposed), MKL reads it at 15.7 GB/s on one
+        # thread; as [n, 2H, D] x [n, D, 2] at 13.8 GB/s.
+        dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
         coef, self.R, self.YY, self.start, self.len, slot = algebra(dots, self.R, self.YY, self.start, self.len,
                                                                     dots_new, push, h_diag)
         buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
