@@ -20,9 +20,10 @@ rounding differs in the last bits.
 Performance notes: a round is the closure, two batched products over the [N, 2H, D]
 history, and a few fixed-shape, mask-based tensor expressions over all lanes (no
 per-lane Python, one host sync per round). The small [H, H] matrices are kept in
-chronological order so the solves need no gathers. The per-round bookkeeping (arrival of
-an evaluation, the move) and the algebra between the passes are pure functions run
-under ``torch.compile``: a few fused kernels instead of dozens of small ones. Splitting
+chronological order so the solves need no gathers. Everything of a round after the
+closure (arrival of the evaluation, both passes, the algebra between them, the move) is
+one pure function, ``_round``, run under ``torch.compile``: one call and a few fused
+kernels instead of dozens of small ones. Splitting
 the lanes into L3-sized chunks (so that pass 2 re-reads the history from cache) was
 measured and does not pay on CPU: pass 1 is bound by BLAS's thin-matrix kernel rather
 than by DRAM, and the per-chunk call overhead eats the cache gain.
@@ -109,7 +110,6 @@ class _History:
         self.YY = torch.zeros(n, H, H, dtype=dt, device=dev)
         self.len = torch.zeros(n, dtype=torch.long, device=dev)
         self.start = torch.zeros(n, dtype=torch.long, device=dev)  # slot of the oldest pair
-        self.lanes = torch.arange(n, device=dev)
 
     def clear(self, slots: Tensor) -> None:
         """Empty the history of ``slots`` (a new lane takes them over). The stale pairs must go:
@@ -124,24 +124,26 @@ class _History:
         """Keep only lanes ``keep`` (see the working set in :meth:`BatchedLBFGS.run`)."""
         self.buf, self.R, self.YY = self.buf[keep], self.R[keep], self.YY[keep]
         self.len, self.start = self.len[keep], self.start[keep]
-        self.lanes = torch.arange(keep.numel(), device=keep.device)
 
-    def push_and_direction(self, g: Tensor, s: Tensor, y: Tensor, dots_new: Tensor, push: Tensor,
-                           h_diag: Tensor, algebra: Callable) -> Tensor:
-        """Append (s, y) for lanes ``push`` (torch's pop(0) when full), then return the two-loop
-        recursion's ``d = -H g`` for every lane. g, s, y: [n, D]; dots_new: [n, 4] =
-        (y.s, y.y, s.g, y.g)."""
-        H, buf, ar = self.H, self.buf, self.lanes
-        # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot.
-        # As [n, 2, D] x [n, D, 2H] (the history transposed), MKL reads it at 15.7 GB/s on one
-        # thread; as [n, 2H, D] x [n, D, 2] at 13.8 GB/s.
-        dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
-        coef, self.R, self.YY, self.start, self.len, slot = algebra(dots, self.R, self.YY, self.start, self.len,
-                                                                    dots_new, push, h_diag)
-        buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
-        buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
-        # Pass 2: d = -H_diag g - H_diag Y a + S c.
-        return torch.addcmul(torch.bmm(coef.unsqueeze(1), buf).squeeze(1), g, h_diag[:, None], value=-1)
+
+def _direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
+               dots_new: Tensor, push: Tensor, h_diag: Tensor) -> tuple[Tensor, ...]:
+    """Append (s, y) to ``buf`` (in place) for lanes ``push`` (torch's pop(0) when full), and return
+    the two-loop recursion's ``d = -H g`` for every lane with the updated R, YY, start, len.
+    g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g)."""
+    H = R.shape[1]
+    ar = torch.arange(buf.shape[0], device=buf.device)
+    # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot.
+    # As [n, 2, D] x [n, D, 2H] (the history transposed), MKL reads it at 15.7 GB/s on one
+    # thread; as [n, 2H, D] x [n, D, 2] at 13.8 GB/s.
+    dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
+    coef, R, YY, start, length, slot = _algebra(dots, R, YY, start, length, dots_new, push, h_diag)
+    buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
+    buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
+    # Pass 2: d = -H_diag g - H_diag Y a + S c. As baddbmm it stays one MKL call under torch.compile
+    # (a [n, 1, 2H] bmm would become an inductor reduction, 25 % slower here).
+    d = torch.baddbmm((-h_diag[:, None] * g).unsqueeze(1), coef.unsqueeze(1), buf).squeeze(1)
+    return d, R, YY, start, length
 
 
 def _algebra(dots: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, dots_new: Tensor, push: Tensor,
@@ -267,13 +269,29 @@ def _move(go: Tensor, first: Tensor, d_new: Tensor, g: Tensor, loss: Tensor, d: 
     return d, prev_g, prev_loss, t, x, it, steps, status
 
 
+def _round(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, status: Tensor, it: Tensor,
+           n_iter: Tensor, evals: Tensor, steps: Tensor, closures: Tensor, loss: Tensor, g: Tensor, prev_g: Tensor,
+           prev_loss: Tensor, d: Tensor, t: Tensor, h_diag: Tensor, final_loss: Tensor, buf: Tensor, R: Tensor,
+           YY: Tensor, hstart: Tensor, hlen: Tensor, limits: tuple) -> tuple[Tensor, ...]:
+    """Everything of a round after the closure: the evaluation arrives, the history takes the new
+    pair (``buf`` in place) and gives the direction, the lanes move. One compiled call per round."""
+    (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first, push,
+     st, y, dots_new) = _arrive(run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures, loss, g,
+                                prev_g, prev_loss, d, t, h_diag, final_loss, limits)
+    d_new, R, YY, hstart, hlen = _direction(buf, R, YY, hstart, hlen, g, st, y, dots_new, push, h_diag)
+    d, prev_g, prev_loss, t, x, it, steps, status = _move(go, first, d_new, g, loss, d, prev_g, prev_loss, t, x, it,
+                                                          steps, status, limits)
+    return (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,
+            R, YY, hstart, hlen, col, start)
+
+
 _COMPILED: dict[tuple[str, str], Callable] = {}
 
 
 def compiled(fn: Callable) -> Callable:
-    """A per-round function (``_algebra``, ``_arrive``, ``_move``) under ``torch.compile``, or eager;
-    see :func:`attacks.compiling.compile_or_eager`. Each fuses a few dozen small tensor
-    expressions over all lanes into a few kernels."""
+    """A per-round function (``_round``) under ``torch.compile``, or eager; see
+    :func:`attacks.compiling.compile_or_eager`. It fuses a few dozen small tensor expressions over
+    all lanes into a few kernels around the two history products (MKL calls either way)."""
     key = (fn.__name__, os.environ.get("DLG_BENCH_COMPILE", "1"))
     if key not in _COMPILED:
         # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once
@@ -338,8 +356,7 @@ class BatchedLBFGS:
         h_diag = torch.ones(S, dtype=dt, device=dev)
         final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
         hist = _History(S, s.history_size, dim, dt, dev)
-        algebra, arrive, move = (compiled(_algebra), compiled(_arrive), compiled(_move)) if self.compile else (
-            _algebra, _arrive, _move)
+        step = compiled(_round) if self.compile else _round
         limits = (s.steps, s.lr, s.max_iter, s.eval_budget, s.tolerance_grad, s.tolerance_change)
         # Results by global lane id: written when a lane leaves the working set and at the end.
         out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),
@@ -392,13 +409,11 @@ class BatchedLBFGS:
             f_new, g_new = f_new.detach().to(dt), g_new.detach().to(dt)
             if idx.numel() < act.numel():  # rows not running keep their values
                 f_new, g_new = loss.index_put((idx,), f_new), g.index_put((idx,), g_new)
-            (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first,
-             push, st, y, dots_new) = arrive(run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures,
-                                              loss, g, prev_g, prev_loss, d, t, h_diag, final_loss, limits)
+            (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,
+             hist.R, hist.YY, hist.start, hist.len, col, start) = step(
+                run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d,
+                t, h_diag, final_loss, hist.buf, hist.R, hist.YY, hist.start, hist.len, limits)
             trace[act, col] = torch.where(start, loss, trace[act, col])
-            d_new = hist.push_and_direction(g, st, y, dots_new, push, h_diag, algebra)
-            d, prev_g, prev_loss, t, x, it, steps, status = move(go, first, d_new, g, loss, d, prev_g, prev_loss, t, x,
-                                                                 it, steps, status, limits)
 
             if snapshot_steps:
                 new = (steps == snap_at) & ~snapped[:, act]  # [K, m]; mostly all False: test before copying

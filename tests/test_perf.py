@@ -162,6 +162,23 @@ def test_snapshot_at_step_k_is_the_iterate_after_k_steps(slots):
         torch.testing.assert_close(long.snapshots[k], short.x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("slots", [None, 2])
+def test_compiled_round_follows_eager(slots):
+    """The compiled round (bookkeeping, both history passes, the in-place history write) gives the
+    eager round's iterates, float64, also when lanes queue for slots and take over histories."""
+    f, x0 = smooth_lanes()
+    s = LBFGSSettings(steps=6, max_iter=5, history_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = BatchedLBFGS(s, compile=True).run(batched_closure(f), x0, slots=slots)
+    if any("torch.compile" in str(w.message) for w in caught):
+        pytest.skip("torch.compile is unavailable here")
+    eager = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
+    assert compiled.status == eager.status and torch.equal(compiled.closures, eager.closures)
+    torch.testing.assert_close(compiled.x, eager.x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(compiled.loss_trace, eager.loss_trace, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 def test_diverging_lane_is_frozen_and_isolated():
     """A lane whose objective turns NaN is marked diverged at its last finite iterate; every
     other lane is bit for bit what it is when that lane behaves (the compiled update included)."""
@@ -222,6 +239,32 @@ def test_compiled_objective_agrees_with_eager(dtype, rtol):
         pytest.skip("torch.compile is unavailable here; checked the eager fallback instead")
     torch.testing.assert_close(f_c, f_e, rtol=rtol, atol=0)
     torch.testing.assert_close(g_c, g_e, rtol=rtol, atol=rtol * float(g_e.abs().max()))
+
+
+@pytest.mark.parametrize(("stride", "rewritten"), [(2, True), (1, False)])
+def test_transposed_conv_pass_rewrites_strided_ones_exactly(stride, rewritten):
+    """The post-grad pass turns a strided, grouped transposed convolution into the matching
+    convolution's input gradient: the graph changes, its output does not (beyond rounding)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from attacks.compiling import transposed_conv_pass
+
+    rewrite = transposed_conv_pass()
+    if rewrite is None:
+        pytest.skip("this torch has no inductor custom-pass hook")
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 8, 8, 8, generator=gen), torch.randn(8, 3, 5, 5, generator=gen)
+
+    def f(x, w):
+        return torch.nn.functional.conv_transpose2d(x, w, stride=stride, padding=2, output_padding=stride - 1,
+                                                    groups=4)
+
+    gm = make_fx(f, tracing_mode="fake")(x, w)
+    rewrite(gm.graph)
+    gm.recompile()
+    kept = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    assert (not kept) == rewritten
+    torch.testing.assert_close(gm(x, w), f(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
