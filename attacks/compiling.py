@@ -36,16 +36,22 @@ def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: 
 
 
 @functools.cache
-def transposed_conv_pass() -> object | None:
-    """An inductor post-grad pass that computes strided transposed convolutions on the CPU as the
-    input gradient of the matching convolution (``aten.convolution_backward``), or None where this
-    torch has no custom-pass hook.
+def conv_gradient_pass() -> object | None:
+    """An inductor post-grad pass for the CPU's float32 convolutions of the double backward, or
+    None where this torch has no custom-pass hook. Two rewrites, each the same linear map:
 
-    The two are the same linear map (the transposed convolution *is* that gradient; the output
-    shape fixes ``output_padding``), but oneDNN runs the gradient form about twice as fast here:
-    measured on one thread, 32 lanes of ``lenet-dlg``, 0.97 -> 0.47 ms for the first layer's and
-    0.54 -> 0.32 ms for the second layer's input gradient, which the double backward of DLG
-    needs every closure. Stride-1 ones gained nothing and are left alone, as are float64 and CUDA.
+    - A strided transposed convolution becomes the input gradient of the matching convolution
+      (``aten.convolution_backward``; the transposed convolution *is* that gradient, the output
+      shape fixes ``output_padding``). oneDNN runs the gradient form about twice as fast here:
+      on one thread, 32 lanes of ``lenet-dlg``, 0.97 -> 0.47 ms for the first layer's and
+      0.54 -> 0.32 ms for the second layer's input gradient. Stride-1 ones gained nothing.
+    - An input gradient alone (output mask [True, False, False]) reads only the shape of its
+      ``input`` argument, yet oneDNN first copies that argument into the channels-last layout
+      the layout optimisation gives every convolution: 0.1-0.2 ms per call for the expanded
+      or contiguous tensors autograd passes there. It gets an empty channels-last tensor.
+
+    float64 (no layout optimisation, see :func:`attacks.dlg.compile_objective`) and CUDA are
+    left alone.
     """
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -53,18 +59,30 @@ def transposed_conv_pass() -> object | None:
         return None
 
     conv, grad = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
+    input_only = [True, False, False]
 
-    class TransposedConvAsInputGradient(CustomGraphPass):
+    def on_cpu_f32(val: object) -> bool:
+        return isinstance(val, torch.Tensor) and val.device.type == "cpu" and val.dtype == torch.float32
+
+    def empty_channels_last(graph: torch.fx.Graph, val: torch.Tensor) -> torch.fx.Node:
+        """A node (inserted at the graph's insertion point) for an uninitialised channels-last ``val``."""
+        with val.fake_mode:
+            like = torch.empty(val.shape, dtype=val.dtype, device=val.device, memory_format=torch.channels_last)
+        node = graph.call_function(torch.ops.aten.empty_strided.default, (list(like.shape), list(like.stride())),
+                                   {"dtype": like.dtype, "device": like.device})
+        node.meta["val"] = like
+        return node
+
+    class ConvolutionGradientPass(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             for node in list(graph.nodes):
                 if node.op != "call_function" or node.target is not conv:
                     continue
                 x, w, bias, stride, padding, dilation, transposed, _, groups = node.args
                 out = node.meta.get("val")
-                if (not transposed or bias is not None or out is None or out.device.type != "cpu"
-                        or out.dtype != torch.float32 or max(stride) == 1):
+                if not transposed or bias is not None or not on_cpu_f32(out) or max(stride) == 1:
                     continue
-                args = (stride, padding, dilation, False, [0, 0], groups, [True, False, False])
+                args = (stride, padding, dilation, False, [0, 0], groups, input_only)
                 try:  # shapes first: on any surprise, leave the node as it is
                     with out.fake_mode:
                         like_val = torch.empty(out.shape, dtype=out.dtype, device=out.device,
@@ -75,17 +93,22 @@ def transposed_conv_pass() -> object | None:
                 if both_val[0].shape != out.shape:
                     continue
                 with graph.inserting_before(node):
-                    # convolution_backward reads only the shape (and layout) of its ``input``.
-                    like = graph.call_function(torch.ops.aten.empty.memory_format, (list(out.shape),),
-                                               {"dtype": out.dtype, "device": out.device,
-                                                "memory_format": torch.channels_last})
-                    both = graph.call_function(grad, (x, like, w, None, *args))
+                    both = graph.call_function(grad, (x, empty_channels_last(graph, out), w, None, *args))
                     new = graph.call_function(operator.getitem, (both, 0))
-                like.meta["val"], both.meta["val"], new.meta["val"] = like_val, both_val, both_val[0]
+                both.meta["val"], new.meta["val"] = both_val, both_val[0]
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.target is not grad or list(node.args[-1]) != input_only:
+                    continue
+                inp = node.args[1]
+                val = inp.meta.get("val") if isinstance(inp, torch.fx.Node) else None
+                if not on_cpu_f32(val) or val.is_contiguous(memory_format=torch.channels_last):
+                    continue
+                with graph.inserting_before(node):
+                    node.replace_input_with(inp, empty_channels_last(graph, val))
 
         def uuid(self) -> object:
             return get_hash_for_files((__file__,))
 
-    return TransposedConvAsInputGradient()
+    return ConvolutionGradientPass()

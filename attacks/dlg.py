@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
-from attacks.compiling import compile_or_eager, transposed_conv_pass
+from attacks.compiling import compile_or_eager, conv_gradient_pass
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.errors import UserError
 
@@ -303,10 +303,10 @@ def compile_objective(fn: Callable, dtype: torch.dtype = torch.float32) -> Calla
     float64 turns off inductor's channels-last layout optimisation: with it, torch 2.14 on the
     CPU computed a wrong per-lane weight gradient for the second convolution (35 % off; float32
     was right, and is faster with it). ``test_compiled_objective_agrees_with_eager`` checks both.
-    Strided transposed convolutions run as convolution gradients; see :func:`transposed_conv_pass`.
+    Convolution gradients run in faster, equivalent forms; see :func:`attacks.compiling.conv_gradient_pass`.
     """
     options: dict = {"layout_optimization": False} if dtype == torch.float64 else {}
-    if (rewrite := transposed_conv_pass()) is not None:
+    if (rewrite := conv_gradient_pass()) is not None:
         options["post_grad_custom_post_pass"] = rewrite
     return compile_or_eager(fn, what="the attack objective", dynamic=False, options=options)
 

@@ -242,14 +242,14 @@ def test_compiled_objective_agrees_with_eager(dtype, rtol):
 
 
 @pytest.mark.parametrize(("stride", "rewritten"), [(2, True), (1, False)])
-def test_transposed_conv_pass_rewrites_strided_ones_exactly(stride, rewritten):
+def test_conv_gradient_pass_rewrites_strided_ones_exactly(stride, rewritten):
     """The post-grad pass turns a strided, grouped transposed convolution into the matching
     convolution's input gradient: the graph changes, its output does not (beyond rounding)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from attacks.compiling import transposed_conv_pass
+    from attacks.compiling import conv_gradient_pass
 
-    rewrite = transposed_conv_pass()
+    rewrite = conv_gradient_pass()
     if rewrite is None:
         pytest.skip("this torch has no inductor custom-pass hook")
     gen = torch.Generator().manual_seed(0)
@@ -265,6 +265,38 @@ def test_transposed_conv_pass_rewrites_strided_ones_exactly(stride, rewritten):
     kept = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
     assert (not kept) == rewritten
     torch.testing.assert_close(gm(x, w), f(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_pass_gives_input_gradients_an_empty_channels_last_input():
+    """An input gradient alone reads only its ``input`` argument's shape: the pass swaps that argument for an
+    empty channels-last tensor (no layout copy); the result is the same, and full gradients keep their input."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from attacks.compiling import conv_gradient_pass
+
+    rewrite = conv_gradient_pass()
+    if rewrite is None:
+        pytest.skip("this torch has no inductor custom-pass hook")
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 8, 16, 16, generator=gen), torch.randn(8, 2, 5, 5, generator=gen)
+    grad_out = torch.randn(1, 8, 8, 8, generator=gen)
+    conv_grad = torch.ops.aten.convolution_backward.default
+
+    def f(grad_out, x, w):
+        args = ([2, 2], [2, 2], [1, 1], False, [0, 0], 4)
+        return conv_grad(grad_out, x, w, None, *args, [True, False, False])[0], \
+            conv_grad(grad_out, x, w, None, *args, [True, True, False])[1]
+
+    gm = make_fx(f, tracing_mode="fake")(grad_out, x, w)
+    rewrite(gm.graph)
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.target is conv_grad]
+    inputs = [n.args[1] for n in calls]
+    assert inputs[0].target is torch.ops.aten.empty_strided.default and inputs[1].op == "placeholder"
+    assert inputs[0].meta["val"].is_contiguous(memory_format=torch.channels_last)
+    got, want = gm(grad_out, x, w), f(grad_out, x, w)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
