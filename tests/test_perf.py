@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import attacks.lbfgs as lbfgs
-from attacks import ATTACKS, AttackBatch, Lane
+from attacks import ATTACKS, AttackBatch, Lane, lbfgs_kernels
 from attacks.dlg import compile_objective, victim_gradient
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.data import load_images
@@ -122,9 +122,10 @@ def sub(batch: AttackBatch, lanes: list[int]) -> AttackBatch:
 # ----------------------------------------------------------------------------- L-BFGS vs torch.optim.LBFGS
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["C-kernels", "matmul"])
 @pytest.mark.parametrize(("history_size", "max_iter", "slots"), [(2, 2, None), (2, 3, None), (100, 2, None),
                                                                   (2, 3, 2), (100, 2, 1)])
-def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots):
+def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots, kernels, monkeypatch):
     """Every lane follows torch.optim.LBFGS step by step: same loss per step, same final x.
 
     float64 on a smooth convex objective, where L-BFGS is not chaotic, so the matrix form
@@ -132,8 +133,13 @@ def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots):
     every lane evict history, 100 is the default; max_iter 2-3 makes 25 steps 50-75
     iterations, and lanes stop at different steps (lane 0 within a few, some at the budget).
     With ``slots`` fewer than the lanes, waiting lanes take over the slots (and the history
-    buffers) of stopped ones: each must still start from scratch.
+    buffers) of stopped ones: each must still start from scratch. The history passes run as the
+    CPU's C kernels and as the matrix products that serve where those are unavailable (CUDA).
     """
+    if not kernels:
+        monkeypatch.setattr(lbfgs_kernels, "_LIBS", {F64: None})
+    elif not lbfgs_kernels.prepare(F64):
+        pytest.skip("the C kernels cannot be built here (no C compiler)")
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=25, max_iter=max_iter, history_size=history_size)
     res = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
