@@ -12,8 +12,9 @@ depend on the other lanes or on the thread count.
 
 The kernels are ``torch.library`` custom ops, so the compiled L-BFGS round calls them
 like any other operator. Where they cannot be built (no C compiler, no custom-op API) or
-do not apply (CUDA, other dtypes), :func:`history_dots` and :func:`history_combine` are
-``bmm`` and ``baddbmm``: the same products, rounded in another order.
+do not apply (CUDA, other dtypes), :func:`history_dots` and :func:`history_write_combine`
+are ``bmm`` and an indexed write plus ``baddbmm``: the same products, rounded in another order.
+``DLG_BENCH_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
