@@ -64,10 +64,12 @@ def conv_gradient_pass() -> object | None:
     def on_cpu_f32(val: object) -> bool:
         return isinstance(val, torch.Tensor) and val.device.type == "cpu" and val.dtype == torch.float32
 
-    def empty_channels_last(graph: torch.fx.Graph, val: torch.Tensor) -> torch.fx.Node:
-        """A node (inserted at the graph's insertion point) for an uninitialised channels-last ``val``."""
+    def channels_last_like(val: torch.Tensor) -> torch.Tensor:
         with val.fake_mode:
-            like = torch.empty(val.shape, dtype=val.dtype, device=val.device, memory_format=torch.channels_last)
+            return torch.empty(val.shape, dtype=val.dtype, device=val.device, memory_format=torch.channels_last)
+
+    def empty_node(graph: torch.fx.Graph, like: torch.Tensor) -> torch.fx.Node:
+        """A node (inserted at the graph's insertion point) for an uninitialised tensor laid out as ``like``."""
         node = graph.call_function(torch.ops.aten.empty_strided.default, (list(like.shape), list(like.stride())),
                                    {"dtype": like.dtype, "device": like.device})
         node.meta["val"] = like
@@ -84,16 +86,15 @@ def conv_gradient_pass() -> object | None:
                     continue
                 args = (stride, padding, dilation, False, [0, 0], groups, input_only)
                 try:  # shapes first: on any surprise, leave the node as it is
+                    like = channels_last_like(out)
                     with out.fake_mode:
-                        like_val = torch.empty(out.shape, dtype=out.dtype, device=out.device,
-                                               memory_format=torch.channels_last)
-                        both_val = grad(x.meta["val"], like_val, w.meta["val"], None, *args)
+                        both_val = grad(x.meta["val"], like, w.meta["val"], None, *args)
                 except Exception:  # noqa: BLE001
                     continue
                 if both_val[0].shape != out.shape:
                     continue
                 with graph.inserting_before(node):
-                    both = graph.call_function(grad, (x, empty_channels_last(graph, out), w, None, *args))
+                    both = graph.call_function(grad, (x, empty_node(graph, like), w, None, *args))
                     new = graph.call_function(operator.getitem, (both, 0))
                 both.meta["val"], new.meta["val"] = both_val, both_val[0]
                 node.replace_all_uses_with(new)
@@ -106,7 +107,7 @@ def conv_gradient_pass() -> object | None:
                 if not on_cpu_f32(val) or val.is_contiguous(memory_format=torch.channels_last):
                     continue
                 with graph.inserting_before(node):
-                    node.replace_input_with(inp, empty_channels_last(graph, val))
+                    node.replace_input_with(inp, empty_node(graph, channels_last_like(val)))
 
         def uuid(self) -> object:
             return get_hash_for_files((__file__,))
