@@ -284,7 +284,7 @@ _COMPILED: dict[tuple[str, str], Callable] = {}
 def compiled(fn: Callable) -> Callable:
     """A per-round function (``_round``) under ``torch.compile``, or eager; see
     :func:`attacks.compiling.compile_or_eager`. It fuses a few dozen small tensor expressions over
-    all lanes into a few kernels around the two history products (MKL calls either way)."""
+    all lanes into a few kernels around the two history passes (C kernels or matrix products)."""
     key = (fn.__name__, os.environ.get("DLG_BENCH_COMPILE", "1"))
     if key not in _COMPILED:
         # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once
