@@ -52,7 +52,6 @@ from torch import Tensor
 
 from attacks import lbfgs_kernels
 from attacks.compiling import compile_or_eager
-from attacks.lbfgs_kernels import history_dots, history_write_combine
 
 RUNNING, CONVERGED, BUDGET, DIVERGED = 0, 1, 2, 3
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", BUDGET: "budget", DIVERGED: "diverged"}
@@ -127,16 +126,27 @@ class _History:
 
 
 def _direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
-               dots_new: Tensor, push: Tensor, h_diag: Tensor) -> tuple[Tensor, ...]:
-    """Append (s, y) to ``buf`` (in place) for lanes ``push`` (torch's pop(0) when full), and return
-    the two-loop recursion's ``d = -H g`` for every lane with the updated R, YY, start, len.
-    g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g)."""
-    # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot.
-    dots = history_dots(buf, g, y)
-    coef, R, YY, start, length, slot = _algebra(dots, R, YY, start, length, dots_new, push, h_diag)
+               dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+    """Append (s, y) to the history for lanes ``push`` (torch's pop(0) when full) and return the
+    two-loop recursion's ``d = -H g`` for every lane; ``buf``, ``R``, ``YY``, ``start``, ``length``
+    are updated in place. g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g).
+
+    On the CPU this is one C kernel per lane (:mod:`attacks.lbfgs_kernels`), elsewhere the same
+    in batched tensor operations."""
+    if lbfgs_kernels.available(buf):
+        return lbfgs_kernels.direction(buf, R, YY, start, length, g, s, y, dots_new, push, h_diag)
+    # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot. As
+    # [n, 2, D] x [n, D, 2H] (the history transposed) MKL reads it 15 % faster than the other way round.
+    dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
+    coef, R_new, YY_new, start_new, length_new, slot = _algebra(dots, R, YY, start, length, dots_new, push, h_diag)
+    for old, new in ((R, R_new), (YY, YY_new), (start, start_new), (length, length_new)):
+        old.copy_(new)
     # The new pair goes in, then pass 2: d = -H_diag g - H_diag Y a + S c.
-    d = history_write_combine(buf, slot, push, s, y, coef, -h_diag[:, None] * g)
-    return d, R, YY, start, length
+    H, ar = buf.shape[1] // 2, torch.arange(buf.shape[0], device=buf.device)
+    buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
+    buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
+    # baddbmm stays one MKL call under torch.compile (a [n, 1, 2H] bmm becomes a slower inductor reduction).
+    return torch.baddbmm((-h_diag[:, None] * g).unsqueeze(1), coef.unsqueeze(1), buf).squeeze(1)
 
 
 def _algebra(dots: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, dots_new: Tensor, push: Tensor,
@@ -266,16 +276,17 @@ def _round(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, s
            n_iter: Tensor, evals: Tensor, steps: Tensor, closures: Tensor, loss: Tensor, g: Tensor, prev_g: Tensor,
            prev_loss: Tensor, d: Tensor, t: Tensor, h_diag: Tensor, final_loss: Tensor, buf: Tensor, R: Tensor,
            YY: Tensor, hstart: Tensor, hlen: Tensor, limits: tuple) -> tuple[Tensor, ...]:
-    """Everything of a round after the closure: the evaluation arrives, the history takes the new
-    pair (``buf`` in place) and gives the direction, the lanes move. One compiled call per round."""
+    """Everything of a round after the closure: the evaluation arrives, the history (``buf``, ``R``,
+    ``YY``, ``hstart``, ``hlen``, updated in place) takes the new pair and gives the direction, the
+    lanes move. One compiled call per round."""
     (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first, push,
      st, y, dots_new) = _arrive(run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures, loss, g,
                                 prev_g, prev_loss, d, t, h_diag, final_loss, limits)
-    d_new, R, YY, hstart, hlen = _direction(buf, R, YY, hstart, hlen, g, st, y, dots_new, push, h_diag)
+    d_new = _direction(buf, R, YY, hstart, hlen, g, st, y, dots_new, push, h_diag)
     d, prev_g, prev_loss, t, x, it, steps, status = _move(go, first, d_new, g, loss, d, prev_g, prev_loss, t, x, it,
                                                           steps, status, limits)
     return (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,
-            R, YY, hstart, hlen, col, start)
+            col, start)
 
 
 _COMPILED: dict[tuple[str, str], Callable] = {}
@@ -405,7 +416,7 @@ class BatchedLBFGS:
             if idx.numel() < act.numel():  # rows not running keep their values
                 f_new, g_new = loss.index_put((idx,), f_new), g.index_put((idx,), g_new)
             (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,
-             hist.R, hist.YY, hist.start, hist.len, col, start) = step(
+             col, start) = step(
                 run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d,
                 t, h_diag, final_loss, hist.buf, hist.R, hist.YY, hist.start, hist.len, limits)
             trace[act, col] = torch.where(start, loss, trace[act, col])

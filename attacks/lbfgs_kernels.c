@@ -1,10 +1,11 @@
-/* The two passes of the lane-batched L-BFGS over each lane's history (see lbfgs_kernels.py).
+/* One L-BFGS direction per lane from its history (see lbfgs_kernels.py and lbfgs.py's _direction).
  *
- * Built twice by lbfgs_kernels.py, with REAL = float and REAL = double. Every lane is a
- * separate [R, D] row-major matrix; lanes are independent (split over OpenMP threads), and a
- * lane's result never depends on the others or on the thread count.
+ * Built twice by lbfgs_kernels.py, with REAL = float and REAL = double. Lanes are independent
+ * (split over OpenMP threads): a lane's result never depends on the others or on the thread count.
+ * A lane's whole round runs on one thread, so its history is still in cache for the second pass.
  */
 #include <stdint.h>
+#include <string.h>
 
 #ifndef REAL
 #define REAL float
@@ -15,73 +16,198 @@
 /* Rows per block: pass 1 reuses each g, y load for ROWS rows, pass 2 each load and store of d. */
 #define ROWS 8
 
-/* out[l, r, 0] = buf[l, r, :] . g[l, :],  out[l, r, 1] = buf[l, r, :] . y[l, :] */
-void history_dots(int64_t n, int64_t R, int64_t D, const REAL *buf, const REAL *g, const REAL *y, REAL *out,
-                  int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t l = 0; l < n; l++) {
-    const REAL *gl = g + l * D, *yl = y + l * D;
-    for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
-      const int rows = R - r0 < ROWS ? (int)(R - r0) : ROWS;
-      const REAL *p = buf + (l * R + r0) * D;
-      REAL ag[ROWS][WIDTH] = {{0}}, ay[ROWS][WIDTH] = {{0}};
-      int64_t d = 0;
-      if (rows == ROWS) {
-        for (; d + WIDTH <= D; d += WIDTH)
-          for (int k = 0; k < WIDTH; k++) {
-            const REAL gv = gl[d + k], yv = yl[d + k];
-            for (int j = 0; j < ROWS; j++) {
-              ag[j][k] += p[j * D + d + k] * gv;
-              ay[j][k] += p[j * D + d + k] * yv;
-            }
-          }
-      }
-      for (int j = 0; j < rows; j++) {
-        REAL sg = 0, sy = 0;
-        for (int64_t e = d; e < D; e++) {
-          sg += p[j * D + e] * gl[e];
-          sy += p[j * D + e] * yl[e];
+/* x . y over n elements, in WIDTH independent sums (a single running sum would wait on every addition). */
+static REAL dot(const REAL *x, const REAL *y, int64_t n) {
+  REAL acc[WIDTH] = {0}, sum = 0;
+  int64_t e = 0;
+  for (; e + WIDTH <= n; e += WIDTH)
+    for (int k = 0; k < WIDTH; k++) acc[k] += x[e + k] * y[e + k];
+  for (; e < n; e++) sum += x[e] * y[e];
+  for (int w = WIDTH / 2; w > 0; w /= 2) /* pairwise: log2(WIDTH) dependent additions, not WIDTH */
+    for (int k = 0; k < w; k++) acc[k] += acc[k + w];
+  return sum + acc[0];
+}
+
+/* Pass 1 on rows [0, rows) of p ([rows, D]): dg[r] = p[r] . g, dy[r] = p[r] . y. */
+static void dots_rows(const REAL *p, int64_t rows, int64_t D, const REAL *g, const REAL *y, REAL *dg, REAL *dy) {
+  int64_t r0 = 0;
+  for (; r0 + ROWS <= rows; r0 += ROWS) {
+    const REAL *b = p + r0 * D;
+    REAL ag[ROWS][WIDTH] = {{0}}, ay[ROWS][WIDTH] = {{0}};
+    int64_t d = 0;
+    for (; d + WIDTH <= D; d += WIDTH)
+      for (int k = 0; k < WIDTH; k++) {
+        const REAL gv = g[d + k], yv = y[d + k];
+        for (int j = 0; j < ROWS; j++) {
+          ag[j][k] += b[j * D + d + k] * gv;
+          ay[j][k] += b[j * D + d + k] * yv;
         }
-        for (int k = 0; k < WIDTH; k++) {
-          sg += ag[j][k];
-          sy += ay[j][k];
-        }
-        out[(l * R + r0 + j) * 2] = sg;
-        out[(l * R + r0 + j) * 2 + 1] = sy;
       }
+    for (int j = 0; j < ROWS; j++) {
+      REAL sg = 0, sy = 0;
+      for (int64_t e = d; e < D; e++) {
+        sg += b[j * D + e] * g[e];
+        sy += b[j * D + e] * y[e];
+      }
+      for (int k = 0; k < WIDTH; k++) {
+        sg += ag[j][k];
+        sy += ay[j][k];
+      }
+      dg[r0 + j] = sg;
+      dy[r0 + j] = sy;
+    }
+  }
+  for (; r0 < rows; r0++) { /* the last rows % ROWS, one at a time */
+    dg[r0] = dot(p + r0 * D, g, D);
+    dy[r0] = dot(p + r0 * D, y, D);
+  }
+}
+
+/* Pass 2 on rows [0, rows) of p: o += sum_r c[r] p[r]. */
+static void combine_rows(REAL *o, const REAL *p, const REAL *c, int64_t rows, int64_t D) {
+  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+    const int nr = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+    const REAL *b = p + r0 * D;
+    if (nr == ROWS) {
+      for (int64_t d = 0; d < D; d++) {
+        REAL acc = o[d];
+        for (int j = 0; j < ROWS; j++) acc += c[r0 + j] * b[j * D + d];
+        o[d] = acc;
+      }
+    } else {
+      for (int j = 0; j < nr; j++)
+        for (int64_t d = 0; d < D; d++) o[d] += c[r0 + j] * b[j * D + d];
     }
   }
 }
 
-/* For lanes with push[l]: buf[l, slot[l], :] = s[l, :] and buf[l, R/2 + slot[l], :] = y[l, :]. Then, with
- * the updated history, out[l, :] = base[l, :] + sum_r coef[l, r] buf[l, r, :]. */
-void history_write_combine(int64_t n, int64_t R, int64_t D, REAL *buf, const int64_t *slot, const uint8_t *push,
-                           const REAL *s, const REAL *y, const REAL *coef, const REAL *base, REAL *out, int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-  for (int64_t l = 0; l < n; l++) {
-    if (push[l]) {
-      REAL *ps = buf + (l * R + slot[l]) * D, *py = buf + (l * R + R / 2 + slot[l]) * D;
-      for (int64_t d = 0; d < D; d++) {
-        ps[d] = s[l * D + d];
-        py[d] = y[l * D + d];
+/* Calls f(first_row, rows) on the rows of the pairs held in slots [st, st + len) of a ring of H slots:
+ * S rows are 0..H-1, Y rows H..2H-1. A full ring is all 2H rows at once (no remainder blocks). */
+#define FOR_HELD(st, len, H, f)                       \
+  do {                                                \
+    if ((len) == (H)) {                               \
+      f(0, 2 * (H));                                  \
+    } else {                                          \
+      const int64_t end_ = (st) + (len);              \
+      const int64_t n1_ = (end_ < (H) ? end_ : (H)) - (st); \
+      f((st), n1_);                                   \
+      f((H) + (st), n1_);                             \
+      if (end_ > (H)) {                               \
+        f(0, end_ - (H));                             \
+        f((H), end_ - (H));                           \
+      }                                               \
+    }                                                 \
+  } while (0)
+
+/* Per-lane scratch, by row (2H) or by chronological position (H). */
+typedef struct {
+  REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c;
+} Scratch;
+#define WORK_PER_LANE(H) (12 * (H))
+
+static Scratch scratch(REAL *work, int64_t l, int64_t H) {
+  REAL *w = work + l * WORK_PER_LANE(H);
+  Scratch t = {w, w + 2 * H, w + 4 * H, w + 6 * H, w + 7 * H, w + 8 * H, w + 9 * H, w + 10 * H, w + 11 * H};
+  return t;
+}
+
+/* The direction of one lane, between the passes: the new pair enters R, YY, start, len; the two
+ * loops give pass 2's coefficients by row. */
+static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *length, const REAL *dn, int pu,
+                         REAL h, Scratch t) {
+  int64_t st = *start, len = *length;
+  const int full = len == H;
+  if (pu && full) st = (st + 1) % H;
+  if (pu && !full) len += 1;
+  *start = st;
+  *length = len;
+  const int64_t p = len > 0 ? len - 1 : 0; /* the new pair's position */
+  for (int64_t i = 0; i < H; i++) { /* by row -> by position; positions >= len are unused */
+    const int64_t k = (st + i) % H;
+    const int used = i < len;
+    t.Sg[i] = used ? t.dg[k] : 0;
+    t.Sy[i] = used ? t.dy[k] : 0;
+    t.Yg[i] = used ? t.dg[H + k] : 0;
+    t.Yy[i] = used ? t.dy[H + k] : 0;
+  }
+  if (pu) { /* position p held the evicted pair or nothing during pass 1 */
+    t.Sg[p] = dn[2];
+    t.Yg[p] = dn[3];
+    t.Yy[p] = dn[1];
+    if (full) /* the oldest pair leaves: shift R and YY up-left by one (the last row, column are rewritten) */
+      for (int64_t i = 0; i + 1 < H; i++) {
+        memmove(R + i * H, R + (i + 1) * H + 1, (size_t)(H - 1) * sizeof(REAL));
+        memmove(YY + i * H, YY + (i + 1) * H + 1, (size_t)(H - 1) * sizeof(REAL));
+      }
+    /* New column p of R: s_i.y_new above the diagonal, y_new.s_new on it, 0 below; row and column p of YY. */
+    for (int64_t i = 0; i < H; i++) {
+      R[i * H + p] = i < p ? t.Sy[i] : (i == p ? dn[0] : 0);
+      YY[i * H + p] = t.Yy[i];
+      YY[p * H + i] = t.Yy[i];
+    }
+  }
+  /* First loop <=> R a = -S^T g (upper triangular); second <=> R^T c = diag(R) a - h Y^T (-g - Y a). */
+  REAL *a = t.a, *c = t.c;
+  for (int64_t i = len - 1; i >= 0; i--) a[i] = (-t.Sg[i] - dot(R + i * H + i + 1, a + i + 1, len - i - 1)) / R[i * H + i];
+  for (int64_t i = 0; i < len; i++) c[i] = t.Yg[i];
+  for (int64_t j = 0; j < len; j++) { /* c = Y^T g + YY a, by rows of the symmetric YY (no reductions) */
+    const REAL aj = a[j], *YYj = YY + j * H;
+    for (int64_t i = 0; i < len; i++) c[i] += YYj[i] * aj;
+  }
+  for (int64_t i = 0; i < len; i++) c[i] = R[i * H + i] * a[i] + h * c[i]; /* the right-hand side */
+  for (int64_t i = 0; i < len; i++) { /* forward substitution by rows of R (= columns of R^T) */
+    c[i] /= R[i * H + i];
+    const REAL ci = c[i], *Ri = R + i * H;
+    for (int64_t k = i + 1; k < len; k++) c[k] -= Ri[k] * ci;
+  }
+  for (int64_t i = 0; i < len; i++) { /* d = -h g + S c - h Y a */
+    const int64_t k = (st + i) % H;
+    t.coef[k] = c[i];
+    t.coef[H + k] = -h * a[i];
+  }
+}
+
+/* For every lane l (all arrays lane-major; see _direction in lbfgs.py for the same in tensor form):
+ *   buf [2H, D]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
+ *   R, YY [H, H]: triu(S^T Y) and Y^T Y by chronological position (oldest first);
+ *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
+ *   (evicting the oldest pair when full); h_diag [1] = H_diag.
+ * Writes out [D] = -H g (torch.optim.LBFGS's two-loop recursion, in the compact form of Byrd,
+ * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: 12H per lane.
+ * Three phases over all lanes, as a lane's second read of its history does not hit the cache here. */
+void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL *YY, int64_t *start,
+                       int64_t *length, const REAL *g, const REAL *s, const REAL *y, const REAL *dots_new,
+                       const uint8_t *push, const REAL *h_diag, REAL *out, REAL *work, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t l = 0; l < n; l++) { /* pass 1, on the pairs held before the new one */
+      const REAL *B = buf + l * 2 * H * D, *gl = g + l * D, *yl = y + l * D;
+      Scratch t = scratch(work, l, H);
+#define PASS1(row, rows) dots_rows(B + (row) * D, rows, D, gl, yl, t.dg + (row), t.dy + (row))
+      FOR_HELD(start[l], length[l], H, PASS1);
+#undef PASS1
+    }
+#pragma omp for schedule(static)
+    for (int64_t l = 0; l < n; l++) {
+      const int64_t slot = (start[l] + length[l]) % H; /* the free slot, or the oldest one when full */
+      lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
+                   h_diag[l], scratch(work, l, H));
+      if (push[l]) {
+        memcpy(buf + (l * 2 * H + slot) * D, s + l * D, (size_t)D * sizeof(REAL));
+        memcpy(buf + (l * 2 * H + H + slot) * D, y + l * D, (size_t)D * sizeof(REAL));
       }
     }
-    REAL *o = out + l * D;
-    const REAL *c = coef + l * R;
-    for (int64_t d = 0; d < D; d++) o[d] = base[l * D + d];
-    for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
-      const int rows = R - r0 < ROWS ? (int)(R - r0) : ROWS;
-      const REAL *p = buf + (l * R + r0) * D;
-      if (rows == ROWS) {
-        for (int64_t d = 0; d < D; d++) {
-          REAL acc = o[d];
-          for (int j = 0; j < ROWS; j++) acc += c[r0 + j] * p[j * D + d];
-          o[d] = acc;
-        }
-      } else {
-        for (int j = 0; j < rows; j++)
-          for (int64_t d = 0; d < D; d++) o[d] += c[r0 + j] * p[j * D + d];
-      }
+#pragma omp for schedule(static)
+    for (int64_t l = 0; l < n; l++) { /* pass 2, with the new pair */
+      const REAL *B = buf + l * 2 * H * D, *gl = g + l * D;
+      REAL *o = out + l * D;
+      const REAL h = h_diag[l];
+      Scratch t = scratch(work, l, H);
+      for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];
+#define PASS2(row, rows) combine_rows(o, B + (row) * D, t.coef + (row), rows, D)
+      FOR_HELD(start[l], length[l], H, PASS2);
+#undef PASS2
     }
   }
 }

@@ -82,9 +82,8 @@ def _build(real: str) -> ctypes.CDLL:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         dll = ctypes.CDLL(str(lib))
-        for fn, pointers in ((dll.history_dots, 4), (dll.history_write_combine, 8)):
-            fn.restype = None
-            fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * pointers + [ctypes.c_int]
+        dll.history_direction.restype = None
+        dll.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 13 + [ctypes.c_int]
         return dll
     raise RuntimeError(f"{compiler} failed: {'; '.join(errors)}")
 
@@ -120,51 +119,25 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
 
 if hasattr(torch.library, "custom_op"):
 
-    @torch.library.custom_op("dlg_bench::history_dots", mutates_args=())
-    def _dots_op(buf: Tensor, g: Tensor, y: Tensor) -> Tensor:
-        buf, g, y = buf.contiguous(), g.contiguous(), y.contiguous()
-        n, R, D = buf.shape
-        out = buf.new_empty(n, R, 2)
-        _LIBS[buf.dtype].history_dots(n, R, D, _ptr(buf), _ptr(g), _ptr(y), _ptr(out), torch.get_num_threads())
+    @torch.library.custom_op("dlg_bench::history_direction", mutates_args=("buf", "R", "YY", "start", "length"))
+    def _direction_op(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor,
+                      y: Tensor, dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+        state = (buf, R, YY, start, length)
+        assert all(t.is_contiguous() for t in state)  # updated in place
+        g, s, y, dots_new, push, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, h_diag))
+        n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
+        out, work = buf.new_empty(n, D), buf.new_empty(n, 12 * H)
+        _LIBS[buf.dtype].history_direction(n, H, D, *map(_ptr, (*state, g, s, y, dots_new, push, h_diag, out, work)),
+                                           torch.get_num_threads())
         return out
 
-    @_dots_op.register_fake
-    def _(buf: Tensor, g: Tensor, y: Tensor) -> Tensor:
-        return buf.new_empty(buf.shape[0], buf.shape[1], 2)
-
-    @torch.library.custom_op("dlg_bench::history_write_combine", mutates_args=("buf",))
-    def _write_combine_op(buf: Tensor, slot: Tensor, push: Tensor, s: Tensor, y: Tensor, coef: Tensor,
-                          base: Tensor) -> Tensor:
-        assert buf.is_contiguous()  # written in place
-        slot, push, s, y = slot.contiguous(), push.contiguous(), s.contiguous(), y.contiguous()
-        coef, base = coef.contiguous(), base.contiguous()
-        n, R, D = buf.shape
-        out = buf.new_empty(n, D)
-        _LIBS[buf.dtype].history_write_combine(n, R, D, *map(_ptr, (buf, slot, push, s, y, coef, base, out)),
-                                               torch.get_num_threads())
-        return out
-
-    @_write_combine_op.register_fake
-    def _(buf: Tensor, slot: Tensor, push: Tensor, s: Tensor, y: Tensor, coef: Tensor, base: Tensor) -> Tensor:
+    @_direction_op.register_fake
+    def _(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
+          dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
         return buf.new_empty(buf.shape[0], buf.shape[2])
 
 
-def history_dots(buf: Tensor, g: Tensor, y: Tensor) -> Tensor:
-    """[n, R, 2]: every history row of each lane dotted with that lane's g and y ([n, R, D], [n, D], [n, D])."""
-    if available(buf):
-        return torch.ops.dlg_bench.history_dots(buf, g, y)
-    # As [n, 2, D] x [n, D, R] (the history transposed) MKL reads it 15 % faster than the other way round.
-    return torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
-
-
-def history_write_combine(buf: Tensor, slot: Tensor, push: Tensor, s: Tensor, y: Tensor, coef: Tensor,
-                          base: Tensor) -> Tensor:
-    """Write the new pair (s, y) into slot ``slot`` of the lanes ``push`` (``buf`` [n, 2H, D] in place),
-    then return [n, D]: base + coef @ buf, lane by lane (coef [n, 2H])."""
-    if available(buf):
-        return torch.ops.dlg_bench.history_write_combine(buf, slot, push, s, y, coef, base)
-    H, ar = buf.shape[1] // 2, torch.arange(buf.shape[0], device=buf.device)
-    buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
-    buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
-    # baddbmm stays one MKL call under torch.compile (a [n, 1, 2H] bmm becomes a slower inductor reduction).
-    return torch.baddbmm(base.unsqueeze(1), coef.unsqueeze(1), buf).squeeze(1)
+def direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
+              dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+    """The C kernel behind :func:`attacks.lbfgs._direction` (same arguments, same in-place updates)."""
+    return torch.ops.dlg_bench.history_direction(buf, R, YY, start, length, g, s, y, dots_new, push, h_diag)

@@ -1,4 +1,4 @@
-"""The C kernels of the L-BFGS history passes compute the batched matrix products they replace."""
+"""The L-BFGS direction, as the C kernel and as tensor operations, is torch.optim.LBFGS's two-loop recursion."""
 
 from __future__ import annotations
 
@@ -8,88 +8,128 @@ import pytest
 import torch
 
 from attacks import lbfgs_kernels
-from attacks.lbfgs_kernels import history_dots, history_write_combine
+from attacks.lbfgs import _direction, _History
 
 
-def _case(n: int, H: int, D: int, dtype: torch.dtype, seed: int = 0):
+def _two_loop(stps: list, dirs: list, h_diag: float, g: torch.Tensor) -> torch.Tensor:
+    """torch.optim.LBFGS.step's direction, written as it is there (oldest pair first)."""
+    ro = [1.0 / float(y.dot(s)) for y, s in zip(dirs, stps)]
+    q, al = g.neg(), [0.0] * len(dirs)
+    for i in range(len(dirs) - 1, -1, -1):
+        al[i] = float(stps[i].dot(q)) * ro[i]
+        q = q - al[i] * dirs[i]
+    r = q * h_diag
+    for i in range(len(dirs)):
+        be_i = float(dirs[i].dot(r)) * ro[i]
+        r = r + (al[i] - be_i) * stps[i]
+    return r
+
+
+def _rounds(n: int, H: int, D: int, rounds: int, dtype: torch.dtype, seed: int = 0):
+    """Random rounds as the engine produces them: per lane (g, s, y, dots_new, push, h_diag), pairs
+    with positive curvature, lanes that skip pushes, and lane 1 restarting (history cleared) midway."""
     gen = torch.Generator().manual_seed(seed)
-    buf = torch.randn(n, 2 * H, D, generator=gen, dtype=dtype)
-    g, y, s, base = (torch.randn(n, D, generator=gen, dtype=dtype) for _ in range(4))
-    coef = torch.randn(n, 2 * H, generator=gen, dtype=dtype)
-    slot = torch.randint(0, H, (n,), generator=gen)
-    push = torch.arange(n) % 3 != 1  # some lanes take no new pair
-    return buf, g, y, s, base, coef, slot, push
-
-
-def _reference(buf, g, y, s, base, coef, slot, push):
-    dots = torch.einsum("nrd,nkd->nrk", buf, torch.stack([g, y], 1))
-    new = buf.clone()
-    H = buf.shape[1] // 2
-    for lane in range(buf.shape[0]):
-        if push[lane]:
-            new[lane, slot[lane]], new[lane, H + slot[lane]] = s[lane], y[lane]
-    return dots, new, base + torch.einsum("nr,nrd->nd", coef, new)
+    h_diag = torch.ones(n, dtype=dtype)
+    for k in range(rounds):
+        g, s, noise = (torch.randn(n, D, generator=gen, dtype=dtype) for _ in range(3))
+        y = s * torch.rand(n, 1, generator=gen, dtype=dtype).add(0.5) + 0.3 * noise
+        ys, yy = (y * s).sum(1), (y * y).sum(1)
+        push = (torch.rand(n, generator=gen) < 0.8) & (ys > 1e-10)
+        push[0] = True  # lane 0 fills and evicts as fast as possible
+        if k < 3:
+            push[2] = False  # lane 2 starts with an empty history
+        h_diag = torch.where(push, ys / yy, h_diag)
+        dots_new = torch.stack([ys, yy, (s * g).sum(1), (y * g).sum(1)], 1)
+        yield k, g, s, y, dots_new, push, h_diag.clone()
 
 
 @pytest.fixture
 def kernels(request):
-    """The kernels must build wherever a C compiler is present (as on CI): a failed build is a failure here."""
+    """The kernel must build wherever a C compiler is present (as on CI): a failed build is a failure here."""
     dtype = request.param
     if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the bmm fallback serves (tested below)")
-    assert lbfgs_kernels.prepare(dtype), "the L-BFGS history kernels did not build"
+        pytest.skip("no C compiler: the tensor form serves (tested below)")
+    assert lbfgs_kernels.prepare(dtype), "the L-BFGS history kernel did not build"
     return dtype
 
 
 @pytest.mark.parametrize("kernels", [torch.float32, torch.float64], indirect=True)
-@pytest.mark.parametrize(("H", "D"), [(3, 37), (100, 3082)])
-def test_kernels_compute_the_history_products(kernels, H, D):
-    """Pass 1 (dots with g and y) and the write + pass 2 (base + coef @ history) equal the matrix
-    products on random data, with row counts and widths that leave remainders (2H = 6, D = 37)."""
+@pytest.mark.parametrize(("H", "D", "rounds"), [(3, 37, 12), (20, 300, 50), (4, 3082, 9)])
+def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds):
+    """Round after round, with histories filling, evicting (H = 3, 20: ring start moves), skipping
+    pushes and one lane cleared midway, both forms give torch.optim.LBFGS's direction, the same
+    history buffer bit for bit, and the same small matrices. Remainders: 2H = 6, D = 37."""
     dtype = kernels
-    buf, g, y, s, base, coef, slot, push = _case(5, H, D, dtype)
-    want_dots, want_buf, want_d = _reference(buf, g, y, s, base, coef, slot, push)
-    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-11}
-    torch.testing.assert_close(history_dots(buf, g, y), want_dots, **tol)
-    d = history_write_combine(buf, slot, push, s, y, coef, base)
-    assert torch.equal(buf, want_buf)  # written in place, exactly
-    torch.testing.assert_close(d, want_d, **tol)
+    n = 5
+    c_hist, t_hist = (_History(n, H, D, dtype, torch.device("cpu")) for _ in range(2))
+    pairs = [([], []) for _ in range(n)]  # per lane: torch's old_stps, old_dirs
+    moved = False
+    tol = {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for k, g, s, y, dots_new, push, h_diag in _rounds(n, H, D, rounds, dtype):
+        if k == rounds // 2:
+            for hist in (c_hist, t_hist):
+                hist.clear(torch.tensor([1]))
+            pairs[1] = ([], [])
+        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, h_diag)
+        with torch.no_grad():
+            saved, lbfgs_kernels._LIBS[dtype] = lbfgs_kernels._LIBS[dtype], None
+            try:
+                d_t = _direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new, push,
+                                 h_diag)
+            finally:
+                lbfgs_kernels._LIBS[dtype] = saved
+        for lane in range(n):
+            stps, dirs = pairs[lane]
+            if push[lane]:
+                if len(dirs) == H:
+                    stps.pop(0), dirs.pop(0)
+                stps.append(s[lane]), dirs.append(y[lane])
+            want = _two_loop(stps, dirs, float(h_diag[lane]), g[lane])
+            torch.testing.assert_close(d_c[lane], want, **tol)
+            torch.testing.assert_close(d_t[lane], want, **tol)
+        assert torch.equal(c_hist.buf, t_hist.buf)
+        assert torch.equal(c_hist.start, t_hist.start) and torch.equal(c_hist.len, t_hist.len)
+        torch.testing.assert_close(c_hist.R.triu(), t_hist.R.triu(), **tol)  # the lower triangle is never read
+        torch.testing.assert_close(c_hist.YY, t_hist.YY, **tol)
+        moved = moved or int(c_hist.start[0]) != 0
+    assert moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
 
 
 @pytest.mark.parametrize("kernels", [torch.float32], indirect=True)
-def test_kernels_results_do_not_depend_on_threads_or_neighbours(kernels):
+def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
     """Lanes are split over threads: 1 or 2 threads, alone or among others, a lane's result is bit for bit the same."""
-    buf, g, y, s, base, coef, slot, push = _case(6, 100, 3082, kernels)
+    n, H, D = 6, 100, 3082
+    hist = _History(n, H, D, kernels, torch.device("cpu"))
+    for _, g, s, y, dots_new, push, h_diag in _rounds(n, H, D, 3, kernels):
+        _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, h_diag)
+    state = (hist.buf, hist.R, hist.YY, hist.start, hist.len)
     before = torch.get_num_threads()
     try:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            b = buf.clone()
-            out[threads] = history_dots(b, g, y), history_write_combine(b, slot, push, s, y, coef, base)
+            copy = [t.clone() for t in state]
+            out[threads] = _direction(*copy, g, s, y, dots_new, push, h_diag), copy
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))
-    b = buf[3:4].clone()
-    alone = history_dots(b, g[3:4], y[3:4]), history_write_combine(b, slot[3:4], push[3:4], s[3:4], y[3:4],
-                                                                   coef[3:4], base[3:4])
-    assert torch.equal(alone[0][0], out[1][0][3]) and torch.equal(alone[1][0], out[1][1][3])
+    assert torch.equal(out[1][0], out[2][0]) and all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1]))
+    alone = [t[3:4].clone() for t in state]
+    d = _direction(*alone, g[3:4], s[3:4], y[3:4], dots_new[3:4], push[3:4], h_diag[3:4])
+    assert torch.equal(d[0], out[1][0][3]) and all(torch.equal(a[0], b[3]) for a, b in zip(alone, out[1][1]))
 
 
-def test_without_kernels_the_matrix_products_serve(monkeypatch, tmp_path):
-    """A failed build warns once and falls back to bmm/baddbmm; DLG_BENCH_KERNELS=0 turns the kernels off."""
+def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
+    """A failed build warns once and falls back to the tensor form; DLG_BENCH_KERNELS=0 turns the kernel off."""
     monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(lbfgs_kernels, "_cache_dir", lambda: tmp_path)
     with pytest.warns(UserWarning, match="L-BFGS history kernels unavailable"):
         assert not lbfgs_kernels.prepare(torch.float64)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-    buf, g, y, s, base, coef, slot, push = _case(4, 3, 37, torch.float64)
-    want_dots, want_buf, want_d = _reference(buf, g, y, s, base, coef, slot, push)
-    torch.testing.assert_close(history_dots(buf, g, y), want_dots, rtol=1e-12, atol=1e-11)
-    torch.testing.assert_close(history_write_combine(buf, slot, push, s, y, coef, base), want_d, rtol=1e-12,
-                               atol=1e-11)
-    assert torch.equal(buf, want_buf)
+    hist = _History(3, 3, 37, torch.float64, torch.device("cpu"))
+    for _, g, s, y, dots_new, push, h_diag in _rounds(3, 3, 37, 5, torch.float64):
+        d = _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, h_diag)
+    assert torch.isfinite(d).all() and int(hist.len[0]) == 3  # the tensor form ran (and is checked above)
     monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
     monkeypatch.setenv("DLG_BENCH_KERNELS", "0")
     assert not lbfgs_kernels.prepare(torch.float32)
