@@ -13,18 +13,17 @@ equivalent matrix form (Byrd, Nocedal & Schnabel 1994): with ``R = triu(S^T Y)``
 ``Y^T Y`` kept up to date, the first loop is the triangular solve ``R a = -S^T g`` and
 the second ``R^T c = diag(R) a - H_diag (-Y^T g - Y^T Y a)``, and
 ``d = -H_diag g - H_diag Y a + S c``. So every round reads each lane's [2H, D] history
-twice with batched matrix products (once for ``S^T g, Y^T g, S^T y, Y^T y``, once for
-``d``) instead of running 2H dependent vector updates. Mathematically identical;
-rounding differs in the last bits.
+twice (once for ``S^T g, Y^T g, S^T y, Y^T y``, once for ``d``) instead of running 2H
+dependent vector updates. Mathematically identical; rounding differs in the last bits.
 
-Performance notes: a round is the closure, two passes over the [N, 2H, D] history, and a
-few fixed-shape, mask-based tensor expressions over all lanes (no per-lane Python, one host
-sync per round). On the CPU the passes are small C kernels (:mod:`attacks.lbfgs_kernels`,
-about twice as fast as MKL's batched products here), elsewhere ``bmm``/``baddbmm``. The
-small [H, H] matrices are kept in chronological order so the solves need no gathers.
-Everything of a round after the closure (arrival of the evaluation, both passes, the
-algebra between them, the move) is one pure function, ``_round``, run under
-``torch.compile``: one call and a few fused kernels instead of dozens of small ones.
+Performance notes: a round is the closure, the direction, and a few fixed-shape, mask-based
+tensor expressions over all lanes (no per-lane Python, one host sync per round). On the CPU
+the direction (both passes over the [N, 2H, D] history and the [H, H] algebra between them)
+is one C kernel (:mod:`attacks.lbfgs_kernels`); elsewhere it is batched tensor code
+(``bmm``, triangular solves, ``baddbmm``). The small [H, H] matrices are kept in
+chronological order so the solves need no gathers. Everything of a round after the closure
+(arrival of the evaluation, the direction, the move) is one pure function, ``_round``, run
+under ``torch.compile``: one call and a few fused kernels instead of dozens of small ones.
 
 One "round" evaluates the closure once for every running lane. Where the serial
 optimiser would call the closure, the lane waits for the next round; everything in
@@ -295,7 +294,7 @@ _COMPILED: dict[tuple[str, str], Callable] = {}
 def compiled(fn: Callable) -> Callable:
     """A per-round function (``_round``) under ``torch.compile``, or eager; see
     :func:`attacks.compiling.compile_or_eager`. It fuses a few dozen small tensor expressions over
-    all lanes into a few kernels around the two history passes (C kernels or matrix products)."""
+    all lanes into a few kernels around the direction (the C kernel, or batched tensor code)."""
     key = (fn.__name__, os.environ.get("DLG_BENCH_COMPILE", "1"))
     if key not in _COMPILED:
         # The lane count shrinks as lanes stop (see BatchedLBFGS.run): dynamic=None recompiles once

@@ -1,20 +1,22 @@
-"""The L-BFGS history passes as small C kernels on the CPU (``lbfgs_kernels.c``).
+"""A lane-batched L-BFGS round's direction as one C kernel on the CPU (``lbfgs_kernels.c``).
 
-Each round reads every lane's [2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1
-dots it with two vectors, pass 2 combines its rows. Both are batched matrix-vector
-products that MKL runs far below the memory bandwidth: on one thread of this project's
-2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history), pass 1 took 4.9 ms as
-``bmm`` (16 GB/s) and 2.4 ms here (33 GB/s), pass 2 2.8-3.0 ms as ``baddbmm`` and 2.0 ms
-here. The loops are plain C (row blocks, 64-byte accumulators, OpenMP over lanes),
-compiled on first use with the C compiler ``torch.compile`` also needs, ``-march=native``,
-and cached per source, compiler and CPU. Lanes stay independent: a lane's result does not
-depend on the other lanes or on the thread count.
+Each round reads every lane's [2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1 dots
+it with g and y, pass 2 combines its rows; between them lies the two-loop recursion's small
+algebra on [H, H] matrices. ``history_direction`` does all three, lane by lane (OpenMP over
+lanes; a lane's result does not depend on the other lanes or on the thread count). On one
+thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
 
-The kernels are ``torch.library`` custom ops, so the compiled L-BFGS round calls them
-like any other operator. Where they cannot be built (no C compiler, no custom-op API) or
-do not apply (CUDA, other dtypes), :func:`history_dots` and :func:`history_write_combine`
-are ``bmm`` and an indexed write plus ``baddbmm``: the same products, rounded in another order.
-``DLG_BENCH_KERNELS=0`` turns the kernels off.
+- pass 1 takes 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
+  the new pair 2.0 ms against 2.8-3.0 ms as ``baddbmm``;
+- the algebra takes 0.3-0.4 ms, against about 1.7 ms as compiled tensor code (rolls of R and
+  YY, two batched triangular solves, a batched matrix-vector product).
+
+The kernel is plain C, compiled on first use with the C compiler ``torch.compile`` also needs,
+``-march=native``, and cached per source, compiler and CPU. It is a ``torch.library`` custom
+op that updates the history in place, so the compiled L-BFGS round calls it like any other
+operator without copying the history. Where it cannot be built (no C compiler, no custom-op
+API) or does not apply (CUDA, other dtypes), :func:`attacks.lbfgs._direction` computes the same
+in tensor operations, rounded in another order. ``DLG_BENCH_KERNELS=0`` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _cpu_id() -> str:
 
 
 def _build(real: str) -> ctypes.CDLL:
-    """Compile (or reuse) the kernels for C type ``real``; raises on failure."""
+    """Compile (or reuse) the kernel for C type ``real``; raises on failure."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -94,20 +96,20 @@ _LIBS: dict[torch.dtype, ctypes.CDLL | None] = {}
 
 
 def prepare(dtype: torch.dtype) -> bool:
-    """Build (or load) the kernels for ``dtype`` once per process; False where they are unavailable."""
+    """Build (or load) the kernel for ``dtype`` once per process; False where they are unavailable."""
     if dtype not in _LIBS:
         _LIBS[dtype] = None
         if os.environ.get("DLG_BENCH_KERNELS", "1") != "0" and hasattr(torch.library, "custom_op") \
                 and dtype in _REALS:
             try:
                 _LIBS[dtype] = _build(_REALS[dtype])
-            except Exception as exc:  # noqa: BLE001 - any build failure means: use bmm
-                warnings.warn(f"L-BFGS history kernels unavailable ({exc}); using bmm/baddbmm", stacklevel=2)
+            except Exception as exc:  # noqa: BLE001 - any build failure means: use tensor operations
+                warnings.warn(f"L-BFGS history kernel unavailable ({exc}); using tensor operations", stacklevel=2)
     return _LIBS[dtype] is not None
 
 
 def available(t: Tensor) -> bool:
-    """Whether the C kernels serve tensors like ``t`` (after :func:`prepare`; eager calls prepare)."""
+    """Whether the C kernel serves tensors like ``t`` (after :func:`prepare`; eager calls prepare)."""
     if not torch.compiler.is_compiling():
         prepare(t.dtype)
     return t.device.type == "cpu" and _LIBS.get(t.dtype) is not None

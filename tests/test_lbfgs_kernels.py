@@ -123,7 +123,7 @@ def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
     monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(lbfgs_kernels, "_cache_dir", lambda: tmp_path)
-    with pytest.warns(UserWarning, match="L-BFGS history kernels unavailable"):
+    with pytest.warns(UserWarning, match="L-BFGS history kernel unavailable"):
         assert not lbfgs_kernels.prepare(torch.float64)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     hist = _History(3, 3, 37, torch.float64, torch.device("cpu"))

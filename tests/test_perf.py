@@ -133,13 +133,13 @@ def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots, kernel
     every lane evict history, 100 is the default; max_iter 2-3 makes 25 steps 50-75
     iterations, and lanes stop at different steps (lane 0 within a few, some at the budget).
     With ``slots`` fewer than the lanes, waiting lanes take over the slots (and the history
-    buffers) of stopped ones: each must still start from scratch. The history passes run as the
-    CPU's C kernels and as the matrix products that serve where those are unavailable (CUDA).
+    buffers) of stopped ones: each must still start from scratch. The direction runs as the
+    CPU's C kernel and as the tensor code that serves where it is unavailable (CUDA).
     """
     if not kernels:
         monkeypatch.setattr(lbfgs_kernels, "_LIBS", {F64: None})
     elif not lbfgs_kernels.prepare(F64):
-        pytest.skip("the C kernels cannot be built here (no C compiler)")
+        pytest.skip("the C kernel cannot be built here (no C compiler)")
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=25, max_iter=max_iter, history_size=history_size)
     res = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
