@@ -187,14 +187,14 @@ class DLGAttack:
         n_img = batch.batch_size * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
         state = {"last": 0}
 
-        def on_round(steps: Tensor) -> None:
-            done = int(steps.sum())
-            if progress is not None and done > state["last"]:
+        def on_round(done: int) -> None:
+            if done > state["last"]:
                 progress((done - state["last"]) / n)
                 state["last"] = done
 
         optimizer = BatchedLBFGS(self.lbfgs, compile=self.engine == "compiled")
-        res = optimizer.run(closure, self.initial_point(batch), slots=slots, on_round=on_round,
+        res = optimizer.run(closure, self.initial_point(batch), slots=slots,
+                               on_round=None if progress is None else on_round,
                             snapshot_steps=snapshot_steps)
         snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
         return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps

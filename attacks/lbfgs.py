@@ -320,7 +320,7 @@ class BatchedLBFGS:
         x0: Tensor,
         *,
         slots: int | None = None,
-        on_round: Callable[[Tensor], None] | None = None,
+        on_round: Callable[[int], None] | None = None,
         snapshot_steps: tuple[int, ...] = (),
     ) -> LBFGSResult:
         """Optimise from ``x0`` [N, D].
@@ -330,8 +330,8 @@ class BatchedLBFGS:
         batched closure stays full while lanes stop at very different steps. A lane's
         iterates do not depend on its slot or on which lanes share its rounds.
 
-        ``on_round(steps_done)`` is called after every round with each lane's finished step
-        count (0 for waiting lanes, ``steps`` for stopped ones).
+        ``on_round(steps_done)`` is called after every round with the optimizer steps finished by
+        all lanes together (a stopped lane counts all ``steps``, a waiting one none).
         """
         s = self.s
         N, dim = x0.shape
@@ -409,7 +409,7 @@ class BatchedLBFGS:
                 hist.take(idx)
                 run = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
                 idx = torch.arange(idx.numel(), device=dev)
-            f_new, g_new = closure(x[idx], act[idx])
+            f_new, g_new = closure(x if idx.numel() == act.numel() else x[idx], act[idx])
             rounds += 1
             f_new, g_new = f_new.detach().to(dt), g_new.detach().to(dt)
             if idx.numel() < act.numel():  # rows not running keep their values
@@ -426,9 +426,8 @@ class BatchedLBFGS:
                     for j, k in enumerate(snapshot_steps):
                         snaps[k][act] = torch.where(new[j, :, None], x, snaps[k][act])
                     snapped[:, act] |= new
-            if on_round is not None:
-                done = (torch.arange(N, device=dev) < waiting).long() * s.steps
-                on_round(done.index_put_((act,), torch.where(status == RUNNING, steps, s.steps)))
+            if on_round is not None:  # lanes that left the working set have finished all their steps
+                on_round((waiting - act.numel()) * s.steps + int(torch.where(status == RUNNING, steps, s.steps).sum()))
         store(torch.arange(act.numel(), device=dev))
         x, status = out["x"], out["status"]
         for j, k in enumerate(snapshot_steps):  # lanes that stopped before step k keep their final iterate

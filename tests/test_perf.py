@@ -354,6 +354,17 @@ def test_batched_dlg_matches_serial_reference():
     torch.testing.assert_close(batched.closures, serial.closures)
 
 
+@pytest.mark.parametrize("engine", ["eager", "serial"])
+def test_progress_adds_up_to_the_steps(engine):
+    """``progress(k)`` reports k more optimizer steps per lane: positive amounts that add up to the
+    attack's steps, also while waiting lanes take over the slots of stopped ones (5 lanes, 2 slots)."""
+    batch = dataclasses.replace(dlg_batch(5), slots=2)
+    seen = []
+    ATTACKS.get("dlg").make(steps=4, engine=engine)(batch, progress=seen.append)
+    assert seen and min(seen) > 0
+    assert math.isclose(sum(seen), 4.0)
+
+
 def test_idlg_batched_runs():
     """iDLG's fixed labels enter the batched objective as one-hot probabilities (not under vmap)."""
     batch = dlg_batch(2, dtype=F64)
