@@ -168,10 +168,17 @@ def test_snapshot_at_step_k_is_the_iterate_after_k_steps(slots):
         torch.testing.assert_close(long.snapshots[k], short.x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "tensor-form"])
 @pytest.mark.parametrize("slots", [None, 2])
-def test_compiled_round_follows_eager(slots):
-    """The compiled round (bookkeeping, both history passes, the in-place history write) gives the
-    eager round's iterates, float64, also when lanes queue for slots and take over histories."""
+def test_compiled_round_follows_eager(slots, kernel, monkeypatch):
+    """The compiled round (bookkeeping, the direction with its in-place history update) gives the
+    eager round's iterates, float64, also when lanes queue for slots and take over histories; with
+    the CPU's C kernel and with the tensor form that CUDA compiles."""
+    traced = []
+    if not kernel:
+        monkeypatch.setattr(lbfgs_kernels, "_LIBS", {F64: None})
+        algebra = lbfgs._algebra
+        monkeypatch.setattr(lbfgs, "_algebra", lambda *a: traced.append(1) or algebra(*a))
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=6, max_iter=5, history_size=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -179,6 +186,7 @@ def test_compiled_round_follows_eager(slots):
         compiled = BatchedLBFGS(s, compile=True).run(batched_closure(f), x0, slots=slots)
     if any("torch.compile" in str(w.message) for w in caught):
         pytest.skip("torch.compile is unavailable here")
+    assert bool(traced) != kernel  # the intended form was compiled
     eager = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
     assert compiled.status == eager.status and torch.equal(compiled.closures, eager.closures)
     torch.testing.assert_close(compiled.x, eager.x, rtol=1e-9, atol=1e-12)
