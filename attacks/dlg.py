@@ -194,8 +194,7 @@ class DLGAttack:
 
         optimizer = BatchedLBFGS(self.lbfgs, compile=self.engine == "compiled")
         res = optimizer.run(closure, self.initial_point(batch), slots=slots,
-                               on_round=None if progress is None else on_round,
-                            snapshot_steps=snapshot_steps)
+                            on_round=None if progress is None else on_round, snapshot_steps=snapshot_steps)
         snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
         return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps
 

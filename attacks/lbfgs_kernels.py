@@ -96,7 +96,7 @@ _LIBS: dict[torch.dtype, ctypes.CDLL | None] = {}
 
 
 def prepare(dtype: torch.dtype) -> bool:
-    """Build (or load) the kernel for ``dtype`` once per process; False where they are unavailable."""
+    """Build (or load) the kernel for ``dtype`` once per process; False where it is unavailable."""
     if dtype not in _LIBS:
         _LIBS[dtype] = None
         if os.environ.get("DLG_BENCH_KERNELS", "1") != "0" and hasattr(torch.library, "custom_op") \
