@@ -126,6 +126,7 @@ if hasattr(torch.library, "custom_op"):
                       y: Tensor, dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
         state = (buf, R, YY, start, length)
         assert all(t.is_contiguous() for t in state)  # updated in place
+        assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
         g, s, y, dots_new, push, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, h_diag))
         n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
         out, work = buf.new_empty(n, D), buf.new_empty(n, 12 * H)
