@@ -104,6 +104,9 @@ typedef struct {
 } Scratch;
 #define WORK_PER_LANE(H) (12 * (H))
 
+/* The scratch that history_direction needs per lane, so that the caller allocates exactly this much. */
+int64_t history_direction_work(int64_t H) { return WORK_PER_LANE(H); }
+
 static Scratch scratch(REAL *work, int64_t l, int64_t H) {
   REAL *w = work + l * WORK_PER_LANE(H);
   Scratch t = {w, w + 2 * H, w + 4 * H, w + 6 * H, w + 7 * H, w + 8 * H, w + 9 * H, w + 10 * H, w + 11 * H};
@@ -173,7 +176,7 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
  *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
  *   (evicting the oldest pair when full); h_diag [1] = H_diag.
  * Writes out [D] = -H g (torch.optim.LBFGS's two-loop recursion, in the compact form of Byrd,
- * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: 12H per lane.
+ * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: see history_direction_work.
  * Three phases, each over all lanes. Running both passes of a lane back to back gained nothing: on this
  * project's machine a lane's second read of its 2.5 MB history right after the first does not come
  * from cache, and the algebra's [H, H] matrices stay out of the way of the streaming passes. */

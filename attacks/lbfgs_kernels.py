@@ -85,6 +85,8 @@ def _build(real: str) -> ctypes.CDLL:
                     os.unlink(tmp)
         dll = ctypes.CDLL(str(lib))
         dll.history_direction.restype = None
+        dll.history_direction_work.restype = ctypes.c_int64
+        dll.history_direction_work.argtypes = [ctypes.c_int64]
         dll.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 13 + [ctypes.c_int]
         return dll
     raise RuntimeError(f"{compiler} failed: {'; '.join(errors)}")
@@ -129,9 +131,10 @@ if hasattr(torch.library, "custom_op"):
         assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
         g, s, y, dots_new, push, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, h_diag))
         n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
-        out, work = buf.new_empty(n, D), buf.new_empty(n, 12 * H)
-        _LIBS[buf.dtype].history_direction(n, H, D, *map(_ptr, (*state, g, s, y, dots_new, push, h_diag, out, work)),
-                                           torch.get_num_threads())
+        lib = _LIBS[buf.dtype]
+        out, work = buf.new_empty(n, D), buf.new_empty(n, lib.history_direction_work(H))
+        lib.history_direction(n, H, D, *map(_ptr, (*state, g, s, y, dots_new, push, h_diag, out, work)),
+                              torch.get_num_threads())
         return out
 
     @_direction_op.register_fake
