@@ -125,15 +125,17 @@ class _History:
 
 
 def _direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
-               dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+               dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
     """Append (s, y) to the history for lanes ``push`` (torch's pop(0) when full) and return the
-    two-loop recursion's ``d = -H g`` for every lane; ``buf``, ``R``, ``YY``, ``start``, ``length``
-    are updated in place. g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g).
+    two-loop recursion's ``d = -H g`` for lanes ``need`` (0 for the others, whose history must not
+    change: ``push`` implies ``need``); ``buf``, ``R``, ``YY``, ``start``, ``length`` are updated in
+    place. g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g).
 
-    On the CPU this is one C kernel per lane (:mod:`attacks.lbfgs_kernels`), elsewhere the same
-    in batched tensor operations."""
+    On the CPU this is one C kernel (:mod:`attacks.lbfgs_kernels`), which skips the lanes without
+    ``need`` (stopped lanes still in the working set, lanes at the end of a step); elsewhere the
+    same in batched tensor operations, over all lanes."""
     if lbfgs_kernels.available(buf):
-        return lbfgs_kernels.direction(buf, R, YY, start, length, g, s, y, dots_new, push, h_diag)
+        return lbfgs_kernels.direction(buf, R, YY, start, length, g, s, y, dots_new, push, need, h_diag)
     # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot. As
     # [n, 2, D] x [n, D, 2H] (the history transposed) MKL reads it 15 % faster than the other way round.
     dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
@@ -145,7 +147,8 @@ def _direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor
     buf[ar, slot] = torch.where(push[:, None], s, buf[ar, slot])
     buf[ar, H + slot] = torch.where(push[:, None], y, buf[ar, H + slot])
     # baddbmm stays one MKL call under torch.compile (a [n, 1, 2H] bmm becomes a slower inductor reduction).
-    return torch.baddbmm((-h_diag[:, None] * g).unsqueeze(1), coef.unsqueeze(1), buf).squeeze(1)
+    d = torch.baddbmm((-h_diag[:, None] * g).unsqueeze(1), coef.unsqueeze(1), buf).squeeze(1)
+    return torch.where(need[:, None], d, 0.0)
 
 
 def _algebra(dots: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, dots_new: Tensor, push: Tensor,
@@ -281,7 +284,7 @@ def _round(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, s
     (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, final_loss, h_diag, col, start, go, first, push,
      st, y, dots_new) = _arrive(run, f_new, g_new, x, x_ok, status, it, n_iter, evals, steps, closures, loss, g,
                                 prev_g, prev_loss, d, t, h_diag, final_loss, limits)
-    d_new = _direction(buf, R, YY, hstart, hlen, g, st, y, dots_new, push, h_diag)
+    d_new = _direction(buf, R, YY, hstart, hlen, g, st, y, dots_new, push, go, h_diag)
     d, prev_g, prev_loss, t, x, it, steps, status = _move(go, first, d_new, g, loss, d, prev_g, prev_loss, t, x, it,
                                                           steps, status, limits)
     return (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,

@@ -174,19 +174,23 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
  *   buf [2H, D]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
  *   R, YY [H, H]: triu(S^T Y) and Y^T Y by chronological position (oldest first);
  *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
- *   (evicting the oldest pair when full); h_diag [1] = H_diag.
+ *   (evicting the oldest pair when full); h_diag [1] = H_diag; need: whether the lane's direction is
+ *   used this round (push implies need). A lane without need is skipped: out = 0, its history unchanged.
  * Writes out [D] = -H g (torch.optim.LBFGS's two-loop recursion, in the compact form of Byrd,
  * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: see history_direction_work.
  * Three phases, each over all lanes. Running both passes of a lane back to back gained nothing: on this
  * project's machine a lane's second read of its 2.5 MB history right after the first does not come
- * from cache, and the algebra's [H, H] matrices stay out of the way of the streaming passes. */
+ * from cache, and the algebra's [H, H] matrices stay out of the way of the streaming passes. Lanes are
+ * dealt out dynamically: skipped lanes would otherwise leave one thread idle. */
 void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL *YY, int64_t *start,
                        int64_t *length, const REAL *g, const REAL *s, const REAL *y, const REAL *dots_new,
-                       const uint8_t *push, const REAL *h_diag, REAL *out, REAL *work, int threads) {
+                       const uint8_t *push, const uint8_t *need, const REAL *h_diag, REAL *out, REAL *work,
+                       int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n; l++) { /* pass 1, on the pairs held before the new one */
+      if (!need[l]) continue;
       const REAL *B = buf + l * 2 * H * D, *gl = g + l * D, *yl = y + l * D;
       Scratch t = scratch(work, l, H);
 #define PASS1(row, rows) dots_rows(B + (row) * D, rows, D, gl, yl, t.dg + (row), t.dy + (row))
@@ -195,6 +199,7 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
     }
 #pragma omp for schedule(static)
     for (int64_t l = 0; l < n; l++) {
+      if (!need[l]) continue;
       const int64_t slot = (start[l] + length[l]) % H; /* the free slot, or the oldest one when full */
       lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
                    h_diag[l], scratch(work, l, H));
@@ -203,10 +208,14 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
         memcpy(buf + (l * 2 * H + H + slot) * D, y + l * D, (size_t)D * sizeof(REAL));
       }
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t l = 0; l < n; l++) { /* pass 2, with the new pair */
       const REAL *B = buf + l * 2 * H * D, *gl = g + l * D;
       REAL *o = out + l * D;
+      if (!need[l]) {
+        memset(o, 0, (size_t)D * sizeof(REAL));
+        continue;
+      }
       const REAL h = h_diag[l];
       Scratch t = scratch(work, l, H);
       for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];

@@ -87,7 +87,7 @@ def _build(real: str) -> ctypes.CDLL:
         dll.history_direction.restype = None
         dll.history_direction_work.restype = ctypes.c_int64
         dll.history_direction_work.argtypes = [ctypes.c_int64]
-        dll.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 13 + [ctypes.c_int]
+        dll.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 14 + [ctypes.c_int]
         return dll
     raise RuntimeError(f"{compiler} failed: {'; '.join(errors)}")
 
@@ -125,25 +125,25 @@ if hasattr(torch.library, "custom_op"):
 
     @torch.library.custom_op("dlg_bench::history_direction", mutates_args=("buf", "R", "YY", "start", "length"))
     def _direction_op(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor,
-                      y: Tensor, dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+                      y: Tensor, dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
         state = (buf, R, YY, start, length)
         assert all(t.is_contiguous() for t in state)  # updated in place
         assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
-        g, s, y, dots_new, push, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, h_diag))
+        g, s, y, dots_new, push, need, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, need, h_diag))
         n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
         lib = _LIBS[buf.dtype]
         out, work = buf.new_empty(n, D), buf.new_empty(n, lib.history_direction_work(H))
-        lib.history_direction(n, H, D, *map(_ptr, (*state, g, s, y, dots_new, push, h_diag, out, work)),
+        lib.history_direction(n, H, D, *map(_ptr, (*state, g, s, y, dots_new, push, need, h_diag, out, work)),
                               torch.get_num_threads())
         return out
 
     @_direction_op.register_fake
     def _(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
-          dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+          dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
         return buf.new_empty(buf.shape[0], buf.shape[2])
 
 
 def direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
-              dots_new: Tensor, push: Tensor, h_diag: Tensor) -> Tensor:
+              dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
     """The C kernel behind :func:`attacks.lbfgs._direction` (same arguments, same in-place updates)."""
-    return torch.ops.dlg_bench.history_direction(buf, R, YY, start, length, g, s, y, dots_new, push, h_diag)
+    return torch.ops.dlg_bench.history_direction(buf, R, YY, start, length, g, s, y, dots_new, push, need, h_diag)

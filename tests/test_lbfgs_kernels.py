@@ -26,8 +26,9 @@ def _two_loop(stps: list, dirs: list, h_diag: float, g: torch.Tensor) -> torch.T
 
 
 def _rounds(n: int, H: int, D: int, rounds: int, dtype: torch.dtype, seed: int = 0):
-    """Random rounds as the engine produces them: per lane (g, s, y, dots_new, push, h_diag), pairs
-    with positive curvature, lanes that skip pushes, and lane 1 restarting (history cleared) midway."""
+    """Random rounds as the engine produces them: per lane (g, s, y, dots_new, push, need, h_diag), pairs
+    with positive curvature, lanes that skip pushes, lanes whose direction is not needed (a stopped
+    lane, the end of a step), and lane 1 restarting (history cleared) midway."""
     gen = torch.Generator().manual_seed(seed)
     h_diag = torch.ones(n, dtype=dtype)
     for k in range(rounds):
@@ -38,9 +39,12 @@ def _rounds(n: int, H: int, D: int, rounds: int, dtype: torch.dtype, seed: int =
         push[0] = True  # lane 0 fills and evicts as fast as possible
         if k < 3:
             push[2] = False  # lane 2 starts with an empty history
+        need = push | (torch.rand(n, generator=gen) < 0.7)
+        if k % 3 == 1:
+            push[-1] = need[-1] = False  # the last lane sits out every third round
         h_diag = torch.where(push, ys / yy, h_diag)
         dots_new = torch.stack([ys, yy, (s * g).sum(1), (y * g).sum(1)], 1)
-        yield k, g, s, y, dots_new, push, h_diag.clone()
+        yield k, g, s, y, dots_new, push, need, h_diag.clone()
 
 
 @pytest.fixture
@@ -58,24 +62,25 @@ def kernels(request):
 def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds):
     """Round after round, with histories filling, evicting (H = 3, 20: ring start moves), skipping
     pushes and one lane cleared midway, both forms give torch.optim.LBFGS's direction, the same
-    history buffer bit for bit, and the same small matrices. Remainders: 2H = 6, D = 37."""
+    history buffer bit for bit, and the same small matrices; a lane whose direction is not needed gets
+    0 and keeps its history. Remainders: 2H = 6, D = 37."""
     dtype = kernels
     n = 5
     c_hist, t_hist = (_History(n, H, D, dtype, torch.device("cpu")) for _ in range(2))
     pairs = [([], []) for _ in range(n)]  # per lane: torch's old_stps, old_dirs
-    moved = False
+    moved, skipped = False, 0
     tol = {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
-    for k, g, s, y, dots_new, push, h_diag in _rounds(n, H, D, rounds, dtype):
+    for k, g, s, y, dots_new, push, need, h_diag in _rounds(n, H, D, rounds, dtype):
         if k == rounds // 2:
             for hist in (c_hist, t_hist):
                 hist.clear(torch.tensor([1]))
             pairs[1] = ([], [])
-        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, h_diag)
+        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, need, h_diag)
         with torch.no_grad():
             saved, lbfgs_kernels._LIBS[dtype] = lbfgs_kernels._LIBS[dtype], None
             try:
                 d_t = _direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new, push,
-                                 h_diag)
+                                 need, h_diag)
             finally:
                 lbfgs_kernels._LIBS[dtype] = saved
         for lane in range(n):
@@ -84,7 +89,7 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
                 if len(dirs) == H:
                     stps.pop(0), dirs.pop(0)
                 stps.append(s[lane]), dirs.append(y[lane])
-            want = _two_loop(stps, dirs, float(h_diag[lane]), g[lane])
+            want = _two_loop(stps, dirs, float(h_diag[lane]), g[lane]) if need[lane] else torch.zeros_like(g[lane])
             torch.testing.assert_close(d_c[lane], want, **tol)
             torch.testing.assert_close(d_t[lane], want, **tol)
         assert torch.equal(c_hist.buf, t_hist.buf)
@@ -92,7 +97,8 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
         torch.testing.assert_close(c_hist.R.triu(), t_hist.R.triu(), **tol)  # the lower triangle is never read
         torch.testing.assert_close(c_hist.YY, t_hist.YY, **tol)
         moved = moved or int(c_hist.start[0]) != 0
-    assert moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
+        skipped += int((~need).sum())
+    assert skipped > 0 and moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
 
 
 @pytest.mark.parametrize("kernels", [torch.float32], indirect=True)
@@ -100,8 +106,8 @@ def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
     """Lanes are split over threads: 1 or 2 threads, alone or among others, a lane's result is bit for bit the same."""
     n, H, D = 6, 100, 3082
     hist = _History(n, H, D, kernels, torch.device("cpu"))
-    for _, g, s, y, dots_new, push, h_diag in _rounds(n, H, D, 3, kernels):
-        _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, h_diag)
+    for _, g, s, y, dots_new, push, need, h_diag in _rounds(n, H, D, 3, kernels):
+        _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
     state = (hist.buf, hist.R, hist.YY, hist.start, hist.len)
     before = torch.get_num_threads()
     try:
@@ -109,12 +115,12 @@ def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             copy = [t.clone() for t in state]
-            out[threads] = _direction(*copy, g, s, y, dots_new, push, h_diag), copy
+            out[threads] = _direction(*copy, g, s, y, dots_new, push, need, h_diag), copy
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[1][0], out[2][0]) and all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1]))
     alone = [t[3:4].clone() for t in state]
-    d = _direction(*alone, g[3:4], s[3:4], y[3:4], dots_new[3:4], push[3:4], h_diag[3:4])
+    d = _direction(*alone, g[3:4], s[3:4], y[3:4], dots_new[3:4], push[3:4], need[3:4], h_diag[3:4])
     assert torch.equal(d[0], out[1][0][3]) and all(torch.equal(a[0], b[3]) for a, b in zip(alone, out[1][1]))
 
 
@@ -127,8 +133,8 @@ def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
         assert not lbfgs_kernels.prepare(torch.float64)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     hist = _History(3, 3, 37, torch.float64, torch.device("cpu"))
-    for _, g, s, y, dots_new, push, h_diag in _rounds(3, 3, 37, 5, torch.float64):
-        d = _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, h_diag)
+    for _, g, s, y, dots_new, push, need, h_diag in _rounds(3, 3, 37, 5, torch.float64):
+        d = _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
     assert torch.isfinite(d).all() and int(hist.len[0]) == 3  # the tensor form ran (and is checked above)
     monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
     monkeypatch.setenv("DLG_BENCH_KERNELS", "0")
