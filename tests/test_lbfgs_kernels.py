@@ -75,7 +75,8 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
             for hist in (c_hist, t_hist):
                 hist.clear(torch.tensor([1]))
             pairs[1] = ([], [])
-        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, need, h_diag)
+        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, need,
+                         h_diag)
         with torch.no_grad():
             saved, lbfgs_kernels._LIBS[dtype] = lbfgs_kernels._LIBS[dtype], None
             try:
@@ -98,7 +99,8 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
         torch.testing.assert_close(c_hist.YY, t_hist.YY, **tol)
         moved = moved or int(c_hist.start[0]) != 0
         skipped += int((~need).sum())
-    assert skipped > 0 and moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
+    assert skipped > 0  # some lanes sat out a round
+    assert moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
 
 
 @pytest.mark.parametrize("kernels", [torch.float32], indirect=True)
