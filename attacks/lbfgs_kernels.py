@@ -4,8 +4,8 @@ Each round reads every lane's [2H, D] history twice (see :mod:`attacks.lbfgs`): 
 it with g and y, pass 2 combines its rows; between them lies the two-loop recursion's small
 algebra on [H, H] matrices. ``history_direction`` does all three, lane by lane (OpenMP over
 lanes; a lane's result does not depend on the other lanes or on the thread count), and skips the
-lanes whose direction the round does not use. On one
-thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
+lanes whose direction the round does not use. On one thread of this project's 2-core AMD EPYC,
+32 lanes of ``lenet-dlg`` (79 MB of history):
 
 - pass 1 takes 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
   the new pair 2.0 ms against 2.8-3.0 ms as ``baddbmm``;
