@@ -140,7 +140,7 @@ class DLGAttack:
         fixed = self._fixed_labels(batch)
         with full_precision(batch.device):
             run = self._run_serial if self.engine == "serial" else self._run_batched
-            x, status, closures, trace, final, snaps = run(batch, fixed, progress, snapshot_steps)
+            x, status, closures, rounds, trace, final, snaps = run(batch, fixed, progress, snapshot_steps)
         B, C = batch.batch_size, batch.num_classes
         n_img = B * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
         recs = x[:, :n_img].reshape(len(batch.lanes), B, *batch.image_shape)
@@ -150,7 +150,7 @@ class DLGAttack:
             labels = fixed
         return AttackResult(
             reconstructions=recs.detach().cpu().float(), labels=labels.cpu(), loss_trace=trace,
-            closures=closures, status=status, seconds=time.perf_counter() - t0, final_loss=final,
+            closures=closures, status=status, seconds=time.perf_counter() - t0, final_loss=final, rounds=rounds,
             snapshots={k: v.reshape(len(batch.lanes), B, *batch.image_shape) for k, v in snaps.items()},
         )
 
@@ -196,7 +196,7 @@ class DLGAttack:
         res = optimizer.run(closure, self.initial_point(batch), slots=slots,
                             on_round=None if progress is None else on_round, snapshot_steps=snapshot_steps)
         snaps = {k: v[:, :n_img].float() for k, v in res.snapshots.items()}
-        return res.x.detach().cpu(), res.status, res.closures, res.loss_trace, res.final_loss, snaps
+        return res.x.detach().cpu(), res.status, res.closures, res.rounds, res.loss_trace, res.final_loss, snaps
 
     def _run_serial(self, batch, fixed, progress, snapshot_steps):
         """The reference code: one lane at a time, nn.Module autograd, ``torch.optim.LBFGS``."""
@@ -255,8 +255,8 @@ class DLGAttack:
             traces.append(trace)
             finite = trace[~trace.isnan()]
             finals.append(finite[-1] if finite.numel() else torch.tensor(float("nan"), dtype=self.dtype))
-        return (torch.stack(xs), statuses, torch.tensor(closures), torch.stack(traces), torch.stack(finals),
-                {k: torch.stack(v) for k, v in snaps.items()})
+        return (torch.stack(xs), statuses, torch.tensor(closures), sum(closures), torch.stack(traces),
+                torch.stack(finals), {k: torch.stack(v) for k, v in snaps.items()})
 
 
 _OBJECTIVES: dict[tuple, Callable] = {}

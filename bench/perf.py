@@ -10,7 +10,8 @@ same weights, targets and dummy initialisation.
 
 Printed: attacks per minute for each engine (the batched figure with and without its
 one-off compilation, which a short warm-up run measures), their ratio, ms per
-lane-closure (wall time / closure evaluations), peak RSS, and the per-image agreement
+lane-closure (wall time / closure evaluations), the batched engine's rounds (one closure call
+for all running lanes) and running lanes per round, peak RSS, and the per-image agreement
 on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). The last
 line is ``speedup: N.Nx``, attacks per minute batched (compilation included) over
 serial.
@@ -121,6 +122,8 @@ def run_perf(args: argparse.Namespace) -> int:
     with_compile = res_b.seconds + warmup
     print(f"batched: {attacks} attacks, {min(lanes, attacks)} at a time, in {res_b.seconds:.1f} s "
           f"(+ {warmup:.1f} s warm-up with compilation)", flush=True)
+    # Fewer than the slots once no attack waits: the last ones finish in ever smaller rounds (the drain).
+    lanes_per_round = closures_b / res_b.rounds
 
     per_min_s = 60 * serial_n / res_s.seconds
     per_min_b = 60 * attacks / with_compile
@@ -134,6 +137,8 @@ def run_perf(args: argparse.Namespace) -> int:
     print(f"ratio batched/serial: {per_min_b / per_min_s:10.1f}x "
           f"(without compilation {per_min_b_warm / per_min_s:.1f}x)")
     print(f"ms per lane-closure:  serial {ms_s:.3f}, batched {ms_b:.3f} ({closures_s} and {closures_b} closures)")
+    print(f"batched rounds:       {res_b.rounds}, {lanes_per_round:.1f} running lanes per round on average "
+          f"({min(lanes, attacks)} slots)")
     print(f"peak RSS:             {rss_mib:.0f} MiB")
     if device == "cuda":
         print(f"peak GPU memory:      {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
@@ -167,6 +172,7 @@ def run_perf(args: argparse.Namespace) -> int:
             "attacks_per_min_batched_without_compile": per_min_b_warm, "speedup": speedup,
             "speedup_without_compile": per_min_b_warm / per_min_s, "ms_per_lane_closure_serial": ms_s,
             "ms_per_lane_closure_batched": ms_b, "closures_serial": closures_s, "closures_batched": closures_b,
+            "rounds_batched": res_b.rounds, "lanes_per_round": lanes_per_round,
             "peak_rss_mib": rss_mib, "agreement": rows, "success_agree": agree, "mse_within_2x": within2,
         }
         out.write_text(json.dumps(figures, indent=2) + "\n")

@@ -9,6 +9,7 @@ eager fallback when compiling fails; DLG batched vs the paper's serial code. Slo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import warnings
@@ -418,3 +419,41 @@ def test_bench_serial_rounds_per_second(benchmark, bench_lanes):
     result = benchmark.pedantic(attack, args=(one,), rounds=3, iterations=1)
     benchmark.extra_info["rounds_per_second"] = int(result.closures.sum()) / result.seconds
     benchmark.extra_info["ms_per_lane_closure"] = 1000 * result.seconds / int(result.closures.sum())
+
+
+# ----------------------------------------------------------------------------- python -m bench perf
+
+
+def test_perf_prints_and_writes_its_figures(data_root, tmp_path, capsys, monkeypatch):
+    """The command end to end on real CIFAR-10 (eager, so that it takes seconds): 3 batched attacks
+    in 2 slots, the first 2 also serially. The last line is the speedup the JSON holds."""
+    import attacks.dlg as dlg
+    from bench.cli import main
+
+    monkeypatch.setenv("DLG_BENCH_COMPILE", "0")
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})  # no eager objective left behind under the compiled key
+    out = tmp_path / "perf.json"
+    assert main(["perf", "--data-root", str(data_root), "--attacks", "3", "--serial-attacks", "2", "--steps", "2",
+                 "--lanes", "2", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    fig = json.loads(out.read_text())
+    assert lines[-1] == f"speedup: {fig['speedup']:.1f}x"
+    assert fig["speedup"] == pytest.approx(fig["attacks_per_min_batched"] / fig["attacks_per_min_serial"])
+    assert fig["serial_attacks"] == len(fig["agreement"]) == 2 and fig["batched_attacks"] == 3
+    assert fig["closures_batched"] >= fig["rounds_batched"] > 0
+    assert 1 <= fig["lanes_per_round"] <= 2  # never more running lanes than slots
+    assert fig["ms_per_lane_closure_batched"] == pytest.approx(1000 * fig["batched_seconds"] / fig["closures_batched"])
+    assert any(line.startswith("batched rounds:") for line in lines)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--attacks", "2", "--serial-attacks", "3"], "--serial-attacks (3) must not exceed --attacks (2)"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--json", "/nonexistent/dir/perf.json"], "folder /nonexistent/dir does not exist"),
+])
+def test_perf_bad_input_is_one_line_exit_2(args, message, capsys):
+    from bench.cli import main
+
+    assert main(["perf", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
