@@ -130,6 +130,7 @@ if hasattr(torch.library, "custom_op"):
         state = (buf, R, YY, start, length)
         assert all(t.is_contiguous() for t in state)  # updated in place
         assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
+        assert push.dtype == need.dtype == torch.bool  # read as bytes
         g, s, y, dots_new, push, need, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, need, h_diag))
         n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
         lib = _LIBS[buf.dtype]

@@ -100,6 +100,7 @@ def run_perf(args: argparse.Namespace) -> int:
     root = resolve_data_root(args.data_root)
     batch, images, indices = build_batch(args.dataset, attacks, root, device)
     batch = dataclasses.replace(batch, slots=lanes)
+    slots = min(lanes, attacks)
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"perf: {args.dataset} images {indices[:serial_n]}{'...' if attacks > serial_n else ''}, {MODEL}, "
@@ -120,7 +121,7 @@ def run_perf(args: argparse.Namespace) -> int:
     res_b = batched(batch)
     closures_b = int(res_b.closures.sum())
     with_compile = res_b.seconds + warmup
-    print(f"batched: {attacks} attacks, {min(lanes, attacks)} at a time, in {res_b.seconds:.1f} s "
+    print(f"batched: {attacks} attacks, {slots} at a time, in {res_b.seconds:.1f} s "
           f"(+ {warmup:.1f} s warm-up with compilation)", flush=True)
     # Fewer than the slots once no attack waits: the last ones finish in ever smaller rounds (the drain).
     lanes_per_round = closures_b / res_b.rounds
@@ -138,7 +139,7 @@ def run_perf(args: argparse.Namespace) -> int:
           f"(without compilation {per_min_b_warm / per_min_s:.1f}x)")
     print(f"ms per lane-closure:  serial {ms_s:.3f}, batched {ms_b:.3f} ({closures_s} and {closures_b} closures)")
     print(f"batched rounds:       {res_b.rounds}, {lanes_per_round:.1f} running lanes per round on average "
-          f"({min(lanes, attacks)} slots)")
+          f"({slots} slots)")
     print(f"peak RSS:             {rss_mib:.0f} MiB")
     if device == "cuda":
         print(f"peak GPU memory:      {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
