@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--attacks", type=int, default=64, help="attacks in the batched run")
     pf.add_argument("--lanes", type=int, default=32,
                     help="attacks the batched engine computes together; the others queue for a slot (default 32)")
+    pf.add_argument("--workers", type=int, default=1,
+                    help="worker processes for the batched engine, as in bench run (default 1: this process)")
     pf.add_argument("--serial-attacks", type=int, default=4, help="attacks timed one at a time")
     pf.add_argument("--steps", type=int, default=300)
     pf.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both engines run")

@@ -446,9 +446,45 @@ def test_perf_prints_and_writes_its_figures(data_root, tmp_path, capsys, monkeyp
     assert any(line.startswith("batched rounds:") for line in lines)
 
 
+def test_perf_workers_deal_the_attacks_and_report_the_machine(data_root, tmp_path, monkeypatch):
+    """``--workers 2`` deals the batched attacks to two single-threaded processes (as ``bench run``
+    does): each shared image's batched outcome is the one-process outcome (2 eager steps; a lane's
+    iterates depend neither on its slot nor on the process; in float32 they do depend on how many lanes
+    run together, so both runs compute 2 at a time), and the closures are all workers'."""
+    import attacks.dlg as dlg
+    from bench.cli import main
+
+    monkeypatch.setenv("DLG_BENCH_COMPILE", "0")  # the spawned workers inherit it
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})
+    figs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"perf{workers}.json"
+        assert main(["perf", "--data-root", str(data_root), "--attacks", "4", "--serial-attacks", "2",
+                     "--steps", "2", "--lanes", "2", "--workers", str(workers), "--json", str(out)]) == 0
+        figs[workers] = json.loads(out.read_text())
+    one, two = figs[1], figs[2]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert two["peak_rss_mib_worker"] > 0 and one["peak_rss_mib_worker"] is None
+    assert two["closures_batched"] == one["closures_batched"]
+    for a, b in zip(one["agreement"], two["agreement"], strict=True):
+        assert b["status_batched"] == a["status_batched"]
+        assert b["mse_batched"] == pytest.approx(a["mse_batched"], rel=1e-6)
+
+
+def test_perf_worker_failure_is_one_line(data_root):
+    """A worker that fails (here: a dataset it cannot open) ends the command with one line naming the
+    cause and the fix, not a hang or a traceback."""
+    from bench.errors import UserError
+    from bench.perf import _batched_in_workers
+
+    with pytest.raises(UserError, match=r"a batched worker failed \(UserError: .*nope.*\); rerun with --workers 1"):
+        _batched_in_workers(2, "nope", 2, data_root, "cpu", 1, 1)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--attacks", "2", "--serial-attacks", "3"], "--serial-attacks (3) must not exceed --attacks (2)"),
     (["--steps", "0"], "--steps must be a positive integer"),
+    (["--attacks", "2", "--serial-attacks", "1", "--workers", "3"], "--workers (3) must not exceed --attacks (2)"),
     (["--json", "/nonexistent/dir/perf.json"], "folder /nonexistent/dir does not exist"),
 ])
 def test_perf_bad_input_is_one_line_exit_2(args, message, capsys):
