@@ -59,16 +59,18 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def build_batch(dataset: str, count: int, root: Path,
-                device: str = "cpu") -> tuple[AttackBatch, torch.Tensor, list[int]]:
+def build_batch(dataset: str, count: int, root: Path, device: str = "cpu",
+                only: list[int] | None = None) -> tuple[AttackBatch, torch.Tensor, list[int]]:
     """``count`` real images of ``dataset`` as single-image DLG lanes, built as ``run_unit`` builds them
-    (cell seed 0, image_seed 0, no defense). Returns the batch, the images and their dataset indices."""
+    (cell seed 0, image_seed 0, no defense); ``only`` builds just those of the ``count`` lanes. Returns
+    the batch, the lanes' images and their dataset indices."""
     data = load_images(dataset, count=count, seed=SEED, size=32, channels=3, root=root)
     C = data.num_classes
     arch = build_model(MODEL, num_classes=C, channels=3, size=32)
     defense = make_defense("none")
+    picks = list(range(count)) if only is None else only
     lanes = []
-    for i in range(count):
+    for i in picks:
         lane_seed = derive_seed(SEED, dataset, MODEL, data.indices[i])
         model = build_model(MODEL, num_classes=C, channels=3, size=32,
                             generator=torch.Generator().manual_seed(lane_seed))
@@ -79,7 +81,7 @@ def build_batch(dataset: str, count: int, root: Path,
         lanes.append(Lane(params=params, target_grads=shared, seed=derive_seed(lane_seed, "dummy")))
     batch = AttackBatch(model=arch, image_shape=(3, 32, 32), num_classes=C, batch_size=1, lanes=lanes,
                         device=torch.device(device))
-    return batch, data.images, list(data.indices)
+    return batch, data.images[picks], [data.indices[i] for i in picks]
 
 
 def _subset(batch: AttackBatch, k: int) -> AttackBatch:
@@ -117,9 +119,8 @@ def _worker(dataset: str, count: int, root: Path, device: str, picks: list[int],
     """One ``--workers`` process: its share (``picks``) of the ``count`` lanes, built as the parent builds them."""
     try:
         torch.set_num_threads(threads)
-        batch, images, _ = build_batch(dataset, count, root, device)
-        batch = dataclasses.replace(batch, lanes=[batch.lanes[i] for i in picks], slots=slots)
-        out = _timed_batched(batch, images[picks], steps, barrier)
+        batch, images, _ = build_batch(dataset, count, root, device, only=picks)
+        out = _timed_batched(dataclasses.replace(batch, slots=slots), images, steps, barrier)
         results.put((picks, {**out, "rss": _peak_rss_mib()}))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
         barrier.abort()
