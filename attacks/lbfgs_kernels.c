@@ -62,24 +62,6 @@ static void dots_rows(const REAL *p, int64_t rows, int64_t D, const REAL *g, con
   }
 }
 
-/* Pass 2 on rows [0, rows) of p: o += sum_r c[r] p[r]. */
-static void combine_rows(REAL *o, const REAL *p, const REAL *c, int64_t rows, int64_t D) {
-  for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-    const int nr = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
-    const REAL *b = p + r0 * D;
-    if (nr == ROWS) {
-      for (int64_t d = 0; d < D; d++) {
-        REAL acc = o[d];
-        for (int j = 0; j < ROWS; j++) acc += c[r0 + j] * b[j * D + d];
-        o[d] = acc;
-      }
-    } else {
-      for (int j = 0; j < nr; j++)
-        for (int64_t d = 0; d < D; d++) o[d] += c[r0 + j] * b[j * D + d];
-    }
-  }
-}
-
 /* Calls f(first_row, rows) on the rows of the pairs held in slots [st, st + len) of a ring of H slots:
  * S rows are 0..H-1, Y rows H..2H-1. A full ring is all 2H rows at once (no remainder blocks). */
 #define FOR_HELD(st, len, H, f)                       \
@@ -97,6 +79,39 @@ static void combine_rows(REAL *o, const REAL *p, const REAL *c, int64_t rows, in
       }                                               \
     }                                                 \
   } while (0)
+
+/* The same rows as FOR_HELD, in the opposite order. */
+#define FOR_HELD_BACK(st, len, H, f)                  \
+  do {                                                \
+    if ((len) == (H)) {                               \
+      f(0, 2 * (H));                                  \
+    } else {                                          \
+      const int64_t end_ = (st) + (len);              \
+      const int64_t n1_ = (end_ < (H) ? end_ : (H)) - (st); \
+      if (end_ > (H)) {                               \
+        f((H), end_ - (H));                           \
+        f(0, end_ - (H));                             \
+      }                                               \
+      f((H) + (st), n1_);                             \
+      f((st), n1_);                                   \
+    }                                                 \
+  } while (0)
+
+/* Pass 2 on rows [0, rows) of p, last row block first: o += sum_r c[r] p[r]. Run right after pass 1
+ * (first row to last) of the same lane, it starts on the rows that pass 1 left in cache. */
+static void combine_rows_back(REAL *o, const REAL *p, const REAL *c, int64_t rows, int64_t D) {
+  const int64_t rest = rows % ROWS;
+  for (int64_t r0 = rows - ROWS; r0 >= rest; r0 -= ROWS) {
+    const REAL *b = p + r0 * D;
+    for (int64_t d = 0; d < D; d++) {
+      REAL acc = o[d];
+      for (int j = ROWS - 1; j >= 0; j--) acc += c[r0 + j] * b[j * D + d];
+      o[d] = acc;
+    }
+  }
+  for (int64_t j = rest - 1; j >= 0; j--)
+    for (int64_t d = 0; d < D; d++) o[d] += c[j] * p[j * D + d];
+}
 
 /* Per-lane scratch, by row (2H) or by chronological position (H). */
 typedef struct {
@@ -178,50 +193,39 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
  *   used this round (push implies need). A lane without need is skipped: out = 0, its history unchanged.
  * Writes out [D] = -H g (torch.optim.LBFGS's two-loop recursion, in the compact form of Byrd,
  * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: see history_direction_work.
- * Three phases, each over all lanes. Running both passes of a lane back to back gained nothing: on this
- * project's machine a lane's second read of its 2.5 MB history right after the first does not come
- * from cache, and the algebra's [H, H] matrices stay out of the way of the streaming passes. Lanes are
- * dealt out dynamically: skipped lanes would otherwise leave one thread idle. */
+ * Lane by lane, both passes back to back: pass 2 runs backwards, so it starts on the rows pass 1 read
+ * last, which a 2 MB L2 still holds. On the Intel Xeon of 2026-11-27 (32 lanes, one thread) this took
+ * 8.2 ms against 9.5-10.8 ms for the earlier order (three phases over all lanes, both passes forwards);
+ * on the AMD EPYC (1 MB L2) the same idea, without reversing, had gained nothing. Lanes are dealt out
+ * dynamically: skipped lanes would otherwise leave one thread idle. */
 void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL *YY, int64_t *start,
                        int64_t *length, const REAL *g, const REAL *s, const REAL *y, const REAL *dots_new,
                        const uint8_t *push, const uint8_t *need, const REAL *h_diag, REAL *out, REAL *work,
                        int threads) {
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t l = 0; l < n; l++) { /* pass 1, on the pairs held before the new one */
-      if (!need[l]) continue;
-      const REAL *B = buf + l * 2 * H * D, *gl = g + l * D, *yl = y + l * D;
-      Scratch t = scratch(work, l, H);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+  for (int64_t l = 0; l < n; l++) {
+    REAL *o = out + l * D;
+    if (!need[l]) {
+      memset(o, 0, (size_t)D * sizeof(REAL));
+      continue;
+    }
+    REAL *B = buf + l * 2 * H * D;
+    const REAL *gl = g + l * D, *yl = y + l * D;
+    Scratch t = scratch(work, l, H);
 #define PASS1(row, rows) dots_rows(B + (row) * D, rows, D, gl, yl, t.dg + (row), t.dy + (row))
-      FOR_HELD(start[l], length[l], H, PASS1);
+    FOR_HELD(start[l], length[l], H, PASS1);
 #undef PASS1
+    const int64_t slot = (start[l] + length[l]) % H;
+    lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
+                 h_diag[l], t);
+    if (push[l]) {
+      memcpy(B + slot * D, s + l * D, (size_t)D * sizeof(REAL));
+      memcpy(B + (H + slot) * D, yl, (size_t)D * sizeof(REAL));
     }
-#pragma omp for schedule(static)
-    for (int64_t l = 0; l < n; l++) {
-      if (!need[l]) continue;
-      const int64_t slot = (start[l] + length[l]) % H; /* the free slot, or the oldest one when full */
-      lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
-                   h_diag[l], scratch(work, l, H));
-      if (push[l]) {
-        memcpy(buf + (l * 2 * H + slot) * D, s + l * D, (size_t)D * sizeof(REAL));
-        memcpy(buf + (l * 2 * H + H + slot) * D, y + l * D, (size_t)D * sizeof(REAL));
-      }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t l = 0; l < n; l++) { /* pass 2, with the new pair */
-      const REAL *B = buf + l * 2 * H * D, *gl = g + l * D;
-      REAL *o = out + l * D;
-      if (!need[l]) {
-        memset(o, 0, (size_t)D * sizeof(REAL));
-        continue;
-      }
-      const REAL h = h_diag[l];
-      Scratch t = scratch(work, l, H);
-      for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];
-#define PASS2(row, rows) combine_rows(o, B + (row) * D, t.coef + (row), rows, D)
-      FOR_HELD(start[l], length[l], H, PASS2);
+    const REAL h = h_diag[l];
+    for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];
+#define PASS2(row, rows) combine_rows_back(o, B + (row) * D, t.coef + (row), rows, D)
+    FOR_HELD_BACK(start[l], length[l], H, PASS2);
 #undef PASS2
-    }
   }
 }
