@@ -12,6 +12,11 @@ lanes whose direction the round does not use. On one thread of this project's 2-
 - the algebra takes 0.3-0.4 ms, against about 1.7 ms as compiled tensor code (rolls of R and
   YY, two batched triangular solves, a batched matrix-vector product).
 
+Each lane's pass 2 follows its pass 1 at once, and pass 1 walks the rows backwards, so pass 2
+starts on the rows pass 1 read last (every sum is taken in the same order as before, so results
+are bit for bit unchanged): on the Intel Xeon of 2026-11-27 (2 MB of L2 per core) a 32-lane
+direction took 5.4-5.8 ms instead of 6.5-6.8 ms on one thread.
+
 The kernel is plain C, compiled on first use with the C compiler ``torch.compile`` also needs,
 ``-march=native``, and cached per source, compiler and CPU. It is a ``torch.library`` custom
 op that updates the history in place, so the compiled L-BFGS round calls it like any other
