@@ -86,40 +86,22 @@ static void combine_rows(REAL *o, const REAL *p, const REAL *c, int64_t rows, in
   }
 }
 
-/* Calls f(first_row, rows) on the rows of the pairs held in slots [st, st + len) of a ring of H slots:
- * S rows are 0..H-1, Y rows H..2H-1. A full ring is all 2H rows at once (no remainder blocks). */
-#define FOR_HELD(st, len, H, f)                       \
-  do {                                                \
-    if ((len) == (H)) {                               \
-      f(0, 2 * (H));                                  \
-    } else {                                          \
-      const int64_t end_ = (st) + (len);              \
-      const int64_t n1_ = (end_ < (H) ? end_ : (H)) - (st); \
-      f((st), n1_);                                   \
-      f((H) + (st), n1_);                             \
-      if (end_ > (H)) {                               \
-        f(0, end_ - (H));                             \
-        f((H), end_ - (H));                           \
-      }                                               \
-    }                                                 \
-  } while (0)
-
-/* The same rows as FOR_HELD, in the opposite order. */
-#define FOR_HELD_BACK(st, len, H, f)                  \
-  do {                                                \
-    if ((len) == (H)) {                               \
-      f(0, 2 * (H));                                  \
-    } else {                                          \
-      const int64_t end_ = (st) + (len);              \
-      const int64_t n1_ = (end_ < (H) ? end_ : (H)) - (st); \
-      if (end_ > (H)) {                               \
-        f((H), end_ - (H));                           \
-        f(0, end_ - (H));                             \
-      }                                               \
-      f((H) + (st), n1_);                             \
-      f((st), n1_);                                   \
-    }                                                 \
-  } while (0)
+/* The rows of the pairs held in slots [st, st + len) of a ring of H slots, as up to 4 runs
+ * (first_row, rows) in pass 2's order: S rows are 0..H-1, Y rows H..2H-1. A full ring is all 2H rows
+ * at once (no remainder blocks). Returns the number of runs. */
+static int held_runs(int64_t st, int64_t len, int64_t H, int64_t runs[4][2]) {
+  if (len == H) {
+    runs[0][0] = 0, runs[0][1] = 2 * H;
+    return 1;
+  }
+  const int64_t end = st + len, n1 = (end < H ? end : H) - st;
+  runs[0][0] = st, runs[0][1] = n1;
+  runs[1][0] = H + st, runs[1][1] = n1;
+  if (end <= H) return 2;
+  runs[2][0] = 0, runs[2][1] = end - H;
+  runs[3][0] = H, runs[3][1] = end - H;
+  return 4;
+}
 
 /* Per-lane scratch, by row (2H) or by chronological position (H). */
 typedef struct {
@@ -222,9 +204,9 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
     REAL *B = buf + l * 2 * H * D;
     const REAL *gl = g + l * D, *yl = y + l * D;
     Scratch t = scratch(work, l, H);
-#define PASS1(row, rows) dots_rows_back(B + (row) * D, rows, D, gl, yl, t.dg + (row), t.dy + (row))
-    FOR_HELD_BACK(start[l], length[l], H, PASS1);
-#undef PASS1
+    int64_t runs[4][2];
+    for (int k = held_runs(start[l], length[l], H, runs) - 1; k >= 0; k--) /* pass 1, last run first */
+      dots_rows_back(B + runs[k][0] * D, runs[k][1], D, gl, yl, t.dg + runs[k][0], t.dy + runs[k][0]);
     const int64_t slot = (start[l] + length[l]) % H; /* the free slot, or the oldest one when full */
     lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
                  h_diag[l], t);
@@ -234,8 +216,7 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
     }
     const REAL h = h_diag[l];
     for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];
-#define PASS2(row, rows) combine_rows(o, B + (row) * D, t.coef + (row), rows, D)
-    FOR_HELD(start[l], length[l], H, PASS2);
-#undef PASS2
+    for (int k = 0, m = held_runs(start[l], length[l], H, runs); k < m; k++) /* pass 2, with the new pair */
+      combine_rows(o, B + runs[k][0] * D, t.coef + runs[k][0], runs[k][1], D);
   }
 }
