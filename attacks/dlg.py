@@ -22,6 +22,7 @@ code itself (``torch.optim.LBFGS`` on one lane at a time), kept as the reference
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
 from attacks.compiling import compile_or_eager, conv_gradient_pass
+from attacks.last_layer import weight_match
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.errors import UserError
 
@@ -72,25 +74,46 @@ class DLGAttack:
 
     # -- the per-lane objective ------------------------------------------------------
     def _lane_objective(self, batch: AttackBatch) -> Callable:
-        """The generic batched objective: vmap over lanes of autograd's grad of grad, any model.
+        """The batched objective: vmap over lanes of the gradient-matching loss and its gradient.
 
         (z [n, Dz], params, targets, fixed_probs [n, B, C]) -> (dD/dz [n, Dz], D [n]); for DLG the
-        label probabilities come from z and ``fixed_probs`` is unused.
+        label probabilities come from z and ``fixed_probs`` is unused. A model that ends in a Linear
+        layer gets that layer's gradient in closed form (see :func:`split_last_linear`), any other
+        autograd's grad of grad throughout.
         """
         model, shape, B, C = batch.model, batch.image_shape, batch.batch_size, batch.num_classes
         n_img = B * shape[0] * shape[1] * shape[2]
         names = list(batch.lanes[0].params)
         idlg = self.label == "idlg"
+        split = split_last_linear(model)
 
-        def objective(z: Tensor, params: dict, targets: dict, fixed_probs: Tensor) -> Tensor:
-            x = z[:n_img].reshape(B, *shape)
-            probs = fixed_probs if idlg else F.softmax(z[n_img:].reshape(B, C), dim=-1)
-
+        def generic(x: Tensor, probs: Tensor, params: dict, targets: dict) -> Tensor:
             def loss(p):
                 return soft_cross_entropy(functional_call(model, p, (x,)), probs)
 
             g = grad(loss)(params)
             return sum(((g[k] - targets[k]) ** 2).sum() for k in names)
+
+        def last_linear(x: Tensor, probs: Tensor, params: dict, targets: dict) -> Tensor:
+            """The same value: for logits = h W^T + b and L = soft_cross_entropy, dL/dlogits is
+            delta = (softmax(logits) sum_c p_c - p) / B, so dL/dW = delta^T h, dL/db = sum_b delta_b,
+            and dL/dh = delta W continues into the features' backward pass (a vjp)."""
+            features, weight, bias = split
+            inner = [k for k in names if k not in (weight, bias)]
+            h, backward = vjp(lambda p: functional_call(features, p, (x,)), {k: params[k] for k in inner})
+            W = params[weight]
+            logits = h @ W.T if bias is None else h @ W.T + params[bias]
+            delta = (F.softmax(logits, dim=-1) * probs.sum(-1, keepdim=True) - probs) / B
+            (g,) = backward(delta @ W)
+            total = sum(((g[k] - targets[k]) ** 2).sum() for k in inner) + weight_match(delta, h, targets[weight])
+            return total if bias is None else total + ((delta.sum(0) - targets[bias]) ** 2).sum()
+
+        match = generic if split is None else last_linear
+
+        def objective(z: Tensor, params: dict, targets: dict, fixed_probs: Tensor) -> Tensor:
+            x = z[:n_img].reshape(B, *shape)
+            probs = fixed_probs if idlg else F.softmax(z[n_img:].reshape(B, C), dim=-1)
+            return match(x, probs, params, targets)
 
         return vmap(grad_and_value(objective), in_dims=(0, 0, 0, 0))
 
@@ -308,6 +331,38 @@ def compile_objective(fn: Callable, dtype: torch.dtype = torch.float32) -> Calla
     if (rewrite := conv_gradient_pass()) is not None:
         options["post_grad_custom_post_pass"] = rewrite
     return compile_or_eager(fn, what="the attack objective", dynamic=False, options=options)
+
+
+def split_last_linear(model: torch.nn.Module) -> tuple[torch.nn.Module, str, str | None] | None:
+    """(features, weight name, bias name or None) for a model whose output is a Linear layer applied
+    to the output of everything before it (``features``, sharing the model's modules and parameter
+    names); None for any other model, or one ``torch.fx`` cannot trace."""
+    if model not in _SPLITS:
+        _SPLITS[model] = _split(model)
+    return _SPLITS[model]
+
+
+def _split(model: torch.nn.Module) -> tuple[torch.nn.Module, str, str | None] | None:
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: the generic objective serves
+        return None
+    out = next(n for n in traced.graph.nodes if n.op == "output")
+    last = out.args[0]
+    if not (isinstance(last, torch.fx.Node) and last.op == "call_module" and len(last.users) == 1
+            and isinstance(traced.get_submodule(last.target), torch.nn.Linear)
+            and len(last.args) == 1 and not last.kwargs and isinstance(last.args[0], torch.fx.Node)):
+        return None
+    linear = traced.get_submodule(last.target)
+    out.args = (last.args[0],)
+    traced.graph.erase_node(last)
+    traced.graph.eliminate_dead_code()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced, f"{last.target}.weight", None if linear.bias is None else f"{last.target}.bias"
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _make(label: str, name: str):

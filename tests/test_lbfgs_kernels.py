@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from attacks import lbfgs_kernels
+from attacks import lbfgs_kernels, native
 from attacks.lbfgs import _direction, _History
 
 
@@ -78,12 +78,12 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
         d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, need,
                          h_diag)
         with torch.no_grad():
-            saved, lbfgs_kernels._LIBS[dtype] = lbfgs_kernels._LIBS[dtype], None
+            saved, lbfgs_kernels.KERNELS.libs[dtype] = lbfgs_kernels.KERNELS.libs[dtype], None
             try:
                 d_t = _direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new, push,
                                  need, h_diag)
             finally:
-                lbfgs_kernels._LIBS[dtype] = saved
+                lbfgs_kernels.KERNELS.libs[dtype] = saved
         for lane in range(n):
             stps, dirs = pairs[lane]
             if push[lane]:
@@ -128,9 +128,9 @@ def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
 
 def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
     """A failed build warns once and falls back to the tensor form; DLG_BENCH_KERNELS=0 turns the kernel off."""
-    monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
+    monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(lbfgs_kernels, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
     with pytest.warns(UserWarning, match="L-BFGS history kernel unavailable"):
         assert not lbfgs_kernels.prepare(torch.float64)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
@@ -138,6 +138,6 @@ def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
     for _, g, s, y, dots_new, push, need, h_diag in _rounds(3, 3, 37, 5, torch.float64):
         d = _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
     assert torch.isfinite(d).all() and int(hist.len[0]) == 3  # the tensor form ran (and is checked above)
-    monkeypatch.setattr(lbfgs_kernels, "_LIBS", {})
+    monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {})
     monkeypatch.setenv("DLG_BENCH_KERNELS", "0")
     assert not lbfgs_kernels.prepare(torch.float32)

@@ -139,7 +139,7 @@ def test_batched_lbfgs_matches_torch_lbfgs(history_size, max_iter, slots, kernel
     CPU's C kernel and as the tensor code that serves where it is unavailable (CUDA).
     """
     if not kernels:
-        monkeypatch.setattr(lbfgs_kernels, "_LIBS", {F64: None})
+        monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
     elif not lbfgs_kernels.prepare(F64):
         pytest.skip("the C kernel cannot be built here (no C compiler)")
     f, x0 = smooth_lanes()
@@ -178,7 +178,7 @@ def test_compiled_round_follows_eager(slots, kernel, monkeypatch):
     the CPU's C kernel and with the tensor form that CUDA compiles."""
     traced = []
     if not kernel:
-        monkeypatch.setattr(lbfgs_kernels, "_LIBS", {F64: None})
+        monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
         algebra = lbfgs._algebra
         monkeypatch.setattr(lbfgs, "_algebra", lambda *a: traced.append(1) or algebra(*a))
     f, x0 = smooth_lanes()
