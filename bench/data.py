@@ -786,6 +786,18 @@ def available(
     return split in spec.splits and spec.probe(_root(root), split)
 
 
+def class_count(name: str, root: str | Path | None = None, *, split: str = "test") -> int:
+    """The dataset's number of classes: the registry's, or where it depends on the files found
+    (LFW), the opened split's; 0 where the files cannot be opened."""
+    spec = DATASETS.get(name, key="dataset")
+    if spec.num_classes is not None:
+        return spec.num_classes
+    try:
+        return open_dataset(name, split=split, root=root).num_classes
+    except UserError:
+        return 0
+
+
 def _check_shape(size: int, channels: int) -> None:
     if size < 1:
         raise UserError(f"image size must be >= 1, got {size}; set a positive size")

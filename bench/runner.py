@@ -35,7 +35,7 @@ import torch
 from attacks import ATTACKS, AttackBatch, Lane
 from attacks.dlg import victim_gradient
 from bench.config import Cell, Preset
-from bench.data import available, load_images
+from bench.data import available, class_count, load_images
 from bench.metrics import score_images
 from bench.models import build_model
 from bench.store import Store, atomic_write_json
@@ -79,10 +79,10 @@ class Unit:
 QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
 
 
-def plan_units(cells: list[Cell], slots: int) -> list[list[Cell]]:
+def plan_units(cells: list[Cell], slots: int, classes: dict[str, int] | None = None) -> list[list[Cell]]:
     """Group cells by (dataset, model, attack, settings, batch size); split each group into the
     fewest units of at most ``QUEUE_FACTOR * slots`` attacks, of near-equal size (whole cells),
-    largest first.
+    costliest first (see :func:`unit_cost`; ``classes``: dataset -> number of classes).
 
     A unit runs ``slots`` attacks at a time and refills a slot as soon as its attack stops
     (attacks stop after anywhere from 16 to 6,000 closures), so a unit several times
@@ -102,7 +102,24 @@ def plan_units(cells: list[Cell], slots: int) -> list[list[Cell]]:
             stop = start + size + (k < extra)
             units.append(group[start:stop])
             start = stop
-    return sorted(units, key=lambda u: -sum(c.images for c in u))
+    return sorted(units, key=lambda u: -unit_cost(u, classes or {}))
+
+
+# Per closure, lenet-dlg's convolutions on 32x32 images cost about as much as the final layer's
+# share of a 400-class dataset (ms per lane-closure: 0.6-0.8 at 10 classes, 1.7-2.1 at LFW's 641).
+CLASS_COST = 400
+
+
+def unit_cost(unit: list[Cell], classes: dict[str, int]) -> float:
+    """A unit's estimated compute: attacks x victim batch x steps x (1 + classes / CLASS_COST).
+    Units start costliest first, so that the longest ones do not start last and leave the other
+    workers idle at the end of a run."""
+    def steps(c: Cell) -> int:
+        return c.attack_settings.get("steps", ATTACKS.get(c.attack).defaults.get("steps", 1))
+
+    return sum(c.images * c.batch_size * steps(c) * (1 + classes.get(c.dataset, 0) / CLASS_COST) for c in unit)
+
+
 def resolve_datasets(preset: Preset, wanted: list[str], root: Path, download: bool) -> tuple[list[str], list[str]]:
     """Which datasets to run, and notices for the report. Applies the preset's missing-data policy."""
     notices: list[str] = []
@@ -265,7 +282,8 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
                 "notices": notices, "datasets": datasets, "data_root": str(data_root),
                 "cells": len(cells), "command": " ".join(sys.argv), **versions()}
     atomic_write_json(out / "run.json", run_info)
-    units = [Unit(u, str(data_root), device, engine, lanes, snapshot_steps) for u in plan_units(todo, lanes)]
+    classes = {d: class_count(d, data_root) for d in sorted({c.dataset for c in todo})}
+    units = [Unit(u, str(data_root), device, engine, lanes, snapshot_steps) for u in plan_units(todo, lanes, classes)]
     total = sum(u.lanes for u in units)
     started = time.perf_counter()
     bar = tqdm(total=total, unit="attack", disable=quiet or total == 0, file=sys.stderr, dynamic_ncols=True,

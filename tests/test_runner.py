@@ -231,7 +231,7 @@ def test_smoke_preset_on_real_data(tmp_path, data_root, capsys):
 
 def test_units_split_groups_evenly_and_cover_every_cell():
     """Each unit holds one (dataset, model, attack, ...) group's whole cells, at most QUEUE_FACTOR x
-    slots attacks, groups split into near-equal units, largest first; every cell exactly once."""
+    slots attacks, groups split into near-equal units, costliest first; every cell exactly once."""
     from bench.config import load_preset
     from bench.runner import QUEUE_FACTOR, plan_units
 
@@ -243,3 +243,13 @@ def test_units_split_groups_evenly_and_cover_every_cell():
     assert all(len({c.dataset for c in u}) == 1 for u in units)
     assert sorted(len(u) for u in units) == [10, 10, 11, 11]  # 168 attacks -> 2 units per dataset
     assert len(plan_units(cells, 1)) == len(cells)  # a cell is never split
+    costly_first = plan_units(cells, 32, {"mnist": 10, "lfw": 641})
+    assert [u[0].dataset for u in costly_first] == ["lfw", "lfw", "mnist", "mnist"]
+
+
+def test_class_count_from_the_registry_or_the_files(data_root, tmp_path):
+    from bench.data import class_count, open_dataset
+
+    assert class_count("cifar100", tmp_path) == 100  # static: no files needed
+    assert class_count("lfw", data_root) == open_dataset("lfw", root=data_root).num_classes > 100
+    assert class_count("lfw", tmp_path) == 0  # not there: no estimate, no error
