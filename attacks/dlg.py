@@ -16,8 +16,9 @@ Lanes run in one batched computation: ``torch.func.vmap`` over the gradient-matc
 loss and its gradient (grad of grad), optionally ``torch.compile``d, driven by
 :class:`attacks.lbfgs.BatchedLBFGS`. Where the model ends in a Linear layer, that layer's
 gradient is written out and its weight's match term taken in one pass
-(:mod:`attacks.last_layer`); the value and gradient are autograd's, up to float rounding. Each lane has its own weights, target gradient
-and seed, and no quantity is shared across lanes. ``engine="serial"`` is the paper's
+(:mod:`attacks.last_layer`); the value and gradient are autograd's, up to float rounding.
+Each lane has its own weights, target gradient and seed, and no quantity is shared across
+lanes. ``engine="serial"`` is the paper's
 code itself (``torch.optim.LBFGS`` on one lane at a time), kept as the reference.
 """
 
