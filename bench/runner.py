@@ -77,6 +77,17 @@ class Unit:
 
 
 QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
+# A worker's lanes computed together hold at most this many bytes of weights and target gradients.
+# Only LFW's 641-class last layer reaches it (4 MB per lane: 12 slots, not 32), and there 12-16 slots
+# ran 14-22 % faster per lane-closure than 32 (two single-thread workers, Intel Xeon, 2026-11-27);
+# CIFAR-100 (0.7 MB per lane) ran as fast with 16 as with 32, and keeps 32.
+SLOT_BYTES = 48 << 20
+
+
+def fit_slots(slots: int, lane: Lane) -> int:
+    """``slots``, or fewer where that many lanes' weights and target gradients exceed SLOT_BYTES."""
+    per_lane = sum(t.numel() * t.element_size() for t in (*lane.params.values(), *lane.target_grads.values()))
+    return max(1, min(slots, SLOT_BYTES // max(1, per_lane)))
 
 
 def plan_units(cells: list[Cell], slots: int, classes: dict[str, int] | None = None) -> list[list[Cell]]:
@@ -186,8 +197,9 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
     order = sorted(range(len(lanes)), key=lambda k: (unit.cells.index(lane_info[k][0]), lane_info[k][1]))
     lanes = [lanes[k] for k in order]
     lane_info = [lane_info[k] for k in order]
+    slots = fit_slots(unit.slots, lanes[0])
     batch = AttackBatch(model=arch, image_shape=(3, first.image_size, first.image_size), num_classes=C,
-                        batch_size=B, lanes=lanes, device=device, slots=unit.slots)
+                        batch_size=B, lanes=lanes, device=device, slots=slots)
     total_steps = attack.lbfgs.steps
     tick = (lambda k: progress(k * len(lanes) / total_steps)) if progress else None
     result = attack(batch, progress=tick, snapshot_steps=unit.snapshot_steps)
@@ -226,7 +238,7 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
                                           if c is cell])}
         arrays.update({f"snap_{k}": np.stack(v) for k, v in snaps.items()})
         out.append({"cell_id": cell.cell_id, "spec": cell.spec(), "records": rows, "arrays": arrays,
-                    "meta": {"unit_lanes": len(lanes), "unit_seconds": result.seconds}})
+                    "meta": {"unit_lanes": len(lanes), "unit_slots": slots, "unit_seconds": result.seconds}})
     return out
 
 

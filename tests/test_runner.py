@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.cli import main
 from bench.config import load_preset, parse_only, select
@@ -253,3 +254,17 @@ def test_class_count_from_the_registry_or_the_files(data_root, tmp_path):
     assert class_count("cifar100", tmp_path) == 100  # static: no files needed
     assert class_count("lfw", data_root) == open_dataset("lfw", root=data_root).num_classes > 100
     assert class_count("lfw", tmp_path) == 0  # not there: no estimate, no error
+
+
+def test_slots_shrink_only_where_the_lanes_weights_are_large():
+    """LFW-sized last layers (641 x 768) get fewer slots; CIFAR-sized ones keep --lanes."""
+    from attacks import Lane
+    from bench.runner import SLOT_BYTES, fit_slots
+
+    def lane(classes: int) -> Lane:
+        params = {"w": torch.zeros(classes, 768), "b": torch.zeros(classes)}
+        return Lane(params=params, target_grads={k: v.clone() for k, v in params.items()}, seed=0)
+
+    assert fit_slots(32, lane(10)) == 32 and fit_slots(32, lane(100)) == 32
+    assert fit_slots(32, lane(641)) == SLOT_BYTES // (2 * 641 * 769 * 4) == 12
+    assert fit_slots(4, lane(641)) == 4 and fit_slots(32, lane(100_000)) == 1
