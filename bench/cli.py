@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", default="auto",
                    help="worker processes (default auto: one per CPU core, one on CUDA)")
     r.add_argument("--lanes", type=int, default=32,
-                   help="attacks computed together in a worker (default 32; fewer where their weights and targets "
-                        "exceed 48 MB, e.g. 12 for LFW); a work unit queues up to 4x as many")
+                   help="attacks computed together in a worker (default 32; on the CPU fewer where their weights "
+                        "and targets exceed 48 MB, e.g. 12 for LFW); a work unit queues up to 4x as many")
     r.add_argument("--only", action="append", metavar="KEY=V1,V2",
                    help="run only matching cells; repeatable, e.g. --only defense=none --only dataset=mnist,lfw")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

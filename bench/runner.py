@@ -77,10 +77,10 @@ class Unit:
 
 
 QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
-# A worker's lanes computed together hold at most this many bytes of weights and target gradients.
-# Only LFW's 641-class last layer reaches it (4 MB per lane: 12 slots, not 32), and there 12-16 slots
-# ran 14-22 % faster per lane-closure than 32 (two single-thread workers, Intel Xeon, 2026-11-27);
-# CIFAR-100 (0.7 MB per lane) ran as fast with 16 as with 32, and keeps 32.
+# On the CPU, a worker's lanes computed together hold at most this many bytes of weights and target
+# gradients. Only LFW's 641-class last layer reaches it (4 MB per lane: 12 slots, not 32), and there
+# 8-16 slots ran 12-23 % faster per lane-closure than 32 (two single-thread workers, Intel Xeon,
+# 2026-11-27); CIFAR-100 (0.7 MB per lane) ran as fast with 16 as with 32, and keeps 32.
 SLOT_BYTES = 48 << 20
 
 
@@ -197,7 +197,7 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
     order = sorted(range(len(lanes)), key=lambda k: (unit.cells.index(lane_info[k][0]), lane_info[k][1]))
     lanes = [lanes[k] for k in order]
     lane_info = [lane_info[k] for k in order]
-    slots = fit_slots(unit.slots, lanes[0])
+    slots = fit_slots(unit.slots, lanes[0]) if device.type == "cpu" else unit.slots
     batch = AttackBatch(model=arch, image_shape=(3, first.image_size, first.image_size), num_classes=C,
                         batch_size=B, lanes=lanes, device=device, slots=slots)
     total_steps = attack.lbfgs.steps
