@@ -71,7 +71,7 @@ def test_split_gives_the_features_and_the_last_linear():
     assert split_last_linear(no_linear_end) is None
 
 
-def _batch(model_name: str, B: int, C: int = 6, size: int = 8) -> AttackBatch:
+def _batch(model_name: str, B: int, C: int = 6, size: int = 8, device: str = "cpu") -> AttackBatch:
     gen = torch.Generator().manual_seed(B)
     arch = build_model(model_name, num_classes=C, size=size).to(F64)
     lanes = []
@@ -81,19 +81,23 @@ def _batch(model_name: str, B: int, C: int = 6, size: int = 8) -> AttackBatch:
         images = torch.rand(B, 3, size, size, generator=gen, dtype=F64)
         labels = torch.randint(0, C, (B,), generator=gen)
         lanes.append(Lane(params=params, target_grads=victim_gradient(arch, params, images, labels, C), seed=lane))
-    return AttackBatch(model=arch, image_shape=(3, size, size), num_classes=C, batch_size=B, lanes=lanes)
+    return AttackBatch(model=arch.to(device), image_shape=(3, size, size), num_classes=C, batch_size=B, lanes=lanes,
+                       device=torch.device(device))
 
 
 @pytest.mark.parametrize(("model_name", "B", "label"),
                          [("lenet-dlg", 1, "dlg"), ("lenet-dlg", 1, "idlg"), ("lenet-dlg", 2, "dlg"),
                           ("convnet", 2, "dlg")])
-def test_closed_form_last_layer_equals_grad_of_grad(model_name, B, label, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_closed_form_last_layer_equals_grad_of_grad(model_name, B, label, device, monkeypatch):
     """The objective with the last layer in closed form equals autograd's grad of grad (float64),
-    value and gradient, at random points: it is the same attack."""
-    batch = _batch(model_name, B)
+    value and gradient, at random points: it is the same attack (on CUDA: the term's tensor form)."""
+    batch = _batch(model_name, B, device=device)
     attack = ATTACKS.get(label).make(steps=1, engine="eager", dtype="float64")
     params, targets, probs = attack._stack(batch, attack._fixed_labels(batch))
     z = torch.randn(attack.initial_point(batch).shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    z = z.to(device)
     assert split_last_linear(batch.model) is not None
     g_split, f_split = attack._lane_objective(batch)(z, params, targets, probs)
     monkeypatch.setitem(dlg._SPLITS, batch.model, None)  # as for a model that does not end in a Linear
