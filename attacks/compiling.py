@@ -14,11 +14,16 @@ import torch
 def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: dict | None = None) -> Callable:
     """``fn`` under ``torch.compile``; if compiling or running the compiled code fails, warn once and
     run ``fn`` eagerly from then on (same results up to float rounding). ``DLG_BENCH_COMPILE=0``
-    returns ``fn`` itself. ``what`` names the function in the warning; ``options`` are inductor settings."""
+    returns ``fn`` itself. ``what`` names the function in the warning; ``options`` are inductor settings.
+    Inductor's own CPU kernels run on one thread (library calls such as convolutions still use all of
+    torch's threads), which keeps results bit-identical whatever the thread count."""
     if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
         return fn
     # Lane counts and bucket sizes give a few shapes per function; never fall back for that.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Single-threaded CPU kernels: with more threads inductor splits some reductions over them, and
+    # a run's results would depend on the thread count (--workers, a worker's threads raised late).
+    options = {"cpp.threads": 1, **(options or {})}
     state = {"fn": torch.compile(fn, dynamic=dynamic, options=options)}
 
     def call(*args):

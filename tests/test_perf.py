@@ -231,6 +231,21 @@ def test_lane_alone_equals_lane_in_batch():
         assert int(alone.closures[0]) == int(together.closures[k])
 
 
+def test_compiled_attack_does_not_depend_on_the_thread_count():
+    """float32, compiled: 1 and 2 threads give bit-identical runs, so --workers (and the threads that a
+    worker gets when others run out of work) never changes a result. Inductor splits some reductions
+    over threads unless its kernels are single-threaded (see compile_or_eager): with that split, these
+    lanes stopped after other closure counts at 2 threads."""
+    batch = dlg_batch(12, size=32)
+    attack = ATTACKS.get("dlg").make(steps=6, engine="compiled")
+    one = attack(batch)
+    torch.set_num_threads(2)
+    two = attack(batch)
+    assert two.closures.tolist() == one.closures.tolist()
+    for field in ("loss_trace", "reconstructions", "final_loss"):
+        torch.testing.assert_close(getattr(two, field), getattr(one, field), rtol=0, atol=0, equal_nan=True, msg=field)
+
+
 # ----------------------------------------------------------------------------- compiled vs eager
 
 
