@@ -204,6 +204,25 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert (full / "tables" / "leakage.md").read_bytes() == (killed / "tables" / "leakage.md").read_bytes()
 
 
+def test_numbers_do_not_depend_on_workers_lanes_or_the_other_cells(tmp_path):
+    """The same cells give the same numbers, to the last digit, in one process with every lane of a
+    dataset together, in two single-threaded workers with each lane alone, and run on their own."""
+    args = ["run", "--preset", TINY, "--quiet", "--no-report"]
+    runs = {"together": ["--workers", "1", "--lanes", "32"], "apart": ["--workers", "2", "--lanes", "1"],
+            "alone": ["--workers", "1", "--only", "defense=int8,prune"]}
+    tables = {}
+    for name, extra in runs.items():
+        r = _run_cli([*args, *extra, "--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr
+        assert main(["report", "--out", str(tmp_path / name)]) == 0
+        tables[name] = pd.read_csv(tmp_path / name / "records.csv")[METRIC_COLS].sort_values(["cell_id", "image"])
+    together = tables["together"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(tables["apart"].reset_index(drop=True), together, check_exact=True)
+    alone = tables["alone"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(alone, together[together.cell_id.isin(alone.cell_id)].reset_index(drop=True),
+                                  check_exact=True)
+
+
 def test_embedded_fallback_is_announced_never_silent(tmp_path):
     out = tmp_path / "out"
     preset = tmp_path / "p.toml"
