@@ -191,7 +191,8 @@ class DLGAttack:
 
         def closure(z: Tensor, lanes: Tensor) -> tuple[Tensor, Tensor]:
             k = lanes.numel()
-            size = max(bucket_size(k, slots), 2)  # a lone lane computes apart from others (G = 1 convolutions)
+            # Never one lane alone: its convolutions would run ungrouped, which rounds differently.
+            size = max(bucket_size(k, slots), 2)
             if size > k:  # pad with copies of a running lane so compiled shapes stay few
                 lanes = torch.cat([lanes, lanes[:1].expand(size - k)])
                 z = torch.cat([z, z[:1].expand(size - k, -1)])
