@@ -191,8 +191,7 @@ class DLGAttack:
 
         def closure(z: Tensor, lanes: Tensor) -> tuple[Tensor, Tensor]:
             k = lanes.numel()
-            # Never one lane alone: its convolutions would run ungrouped, which rounds differently.
-            size = max(bucket_size(k, slots), 2)
+            size = bucket_size(k, slots)
             if size > k:  # pad with copies of a running lane so compiled shapes stay few
                 lanes = torch.cat([lanes, lanes[:1].expand(size - k)])
                 z = torch.cat([z, z[:1].expand(size - k, -1)])
@@ -308,10 +307,12 @@ def full_precision(device: torch.device) -> Iterator[None]:
 
 
 def bucket_size(running: int, lanes: int) -> int:
-    """Closure batch size for ``running`` of ``lanes`` lanes: lanes, lanes/2, lanes/4 or lanes/8.
+    """Closure batch size for ``running`` of ``lanes`` lanes: lanes, lanes/2, lanes/4 or lanes/8,
+    and never 1.
 
     Stopped lanes drop out of the computation, but each new shape costs a compilation, so
-    running lanes are padded up to one of four sizes.
+    running lanes are padded up to one of four sizes. A lane computed alone would run its
+    convolutions ungrouped, which rounds differently from the same lane among others.
     """
     size = lanes
     for _ in range(3):
@@ -319,7 +320,7 @@ def bucket_size(running: int, lanes: int) -> int:
         if running > half:
             break
         size = half
-    return size
+    return max(size, 2)
 
 
 def compile_objective(fn: Callable, dtype: torch.dtype = torch.float32) -> Callable:
