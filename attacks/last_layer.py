@@ -49,7 +49,7 @@ def _match(delta: Tensor, h: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Te
         return match_tensors(delta, h, target)
     delta, h, target = delta.contiguous(), h.contiguous(), target.contiguous()
     (n, B, C), F = delta.shape, h.shape[2]
-    value, gd, gh, work = delta.new_empty(n), torch.empty_like(delta), torch.empty_like(h), h.new_empty(n, F)
+    value, gd, gh, work = delta.new_empty(n), delta.new_empty(delta.shape), h.new_empty(h.shape), h.new_empty(n, F)
     KERNELS.libs[delta.dtype].weight_match(n, B, C, F, *map(ptr, (delta, h, target, value, gd, gh, work)),
                                            torch.get_num_threads())
     return value, gd, gh
@@ -60,7 +60,9 @@ if hasattr(torch.library, "custom_op"):
 
     @_match_op.register_fake
     def _(delta: Tensor, h: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return delta.new_empty(delta.shape[0]), torch.empty_like(delta), torch.empty_like(h)
+        # Contiguous, as the kernel returns them (empty_like would copy strides of a non-contiguous
+        # h, as vmap passes for victim batches B > 1, and the compiled code's checks then fail).
+        return delta.new_empty(delta.shape[0]), delta.new_empty(delta.shape), h.new_empty(h.shape)
 
     def _vmap_rule(info, in_dims, delta: Tensor, h: Tensor, target: Tensor):
         """Lanes of a vmap become more leading rows of the operator's own lane dimension."""
