@@ -281,12 +281,33 @@ def _run_unit_in_worker(unit: Unit) -> list[dict]:
     return run_unit(unit, progress=report)
 
 
+class AttackBar:
+    """The run's progress bar, in attacks. Progress comes as fractions of attacks per round, whose
+    float sums can exceed the total; the bar stops at the total (tqdm would warn)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, unit="attack", disable=quiet or total == 0, file=sys.stderr,
+                        dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} attacks [{elapsed}<{remaining}]")
+
+    @property
+    def n(self) -> float:
+        return self.bar.n
+
+    def advance(self, to: float) -> None:
+        """Move the bar to ``to`` attacks done (never past the total, never back)."""
+        self.bar.update(max(0.0, min(float(self.total), to) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, workers: int, lanes: int,
             device: str, engine: str | None, notices: list[str], datasets: list[str],
             snapshot_steps: tuple[int, ...] = (), quiet: bool = False) -> dict:
     """Run the cells not yet in the store; return a summary."""
-    from tqdm import tqdm
-
     store = Store(out)
     todo = [c for c in cells if not store.done(c.cell_id)]
     skipped = len(cells) - len(todo)
@@ -299,8 +320,7 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
     units = [Unit(u, str(data_root), device, engine, lanes, snapshot_steps) for u in plan_units(todo, lanes, classes)]
     total = sum(u.lanes for u in units)
     started = time.perf_counter()
-    bar = tqdm(total=total, unit="attack", disable=quiet or total == 0, file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total} attacks [{elapsed}<{remaining}]")
+    bar = AttackBar(total, quiet)
 
     def save(results: list[dict]) -> None:
         for r in results:
@@ -312,8 +332,8 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
     if min(workers, len(units)) <= 1:
         for u in units:
             before = bar.n
-            save(run_unit(u, progress=bar.update))
-            bar.update(before + u.lanes - bar.n)
+            save(run_unit(u, progress=lambda k: bar.advance(bar.n + k)))
+            bar.advance(before + u.lanes)
     else:
         cores = os.cpu_count() or 1
         ctx = get_context("spawn")
@@ -328,7 +348,7 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
                 for fut in ready:
                     save(fut.result())
                     finished += futures[fut].lanes
-                bar.update(max(done.value, finished, bar.n) - bar.n)
+                bar.advance(max(done.value, finished))
                 # Fewer units left than workers: idle workers' cores go to the busy ones.
                 if ready and 0 < len(pending) < workers:
                     threads.value = max(threads.value, cores // len(pending))
