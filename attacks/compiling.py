@@ -41,9 +41,10 @@ def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: 
 
 
 @functools.cache
-def conv_gradient_pass() -> object | None:
-    """An inductor post-grad pass for the CPU's float32 convolutions of the double backward, or
-    None where this torch has no custom-pass hook. Two rewrites, each the same linear map:
+def cpu_rewrite_pass() -> object | None:
+    """An inductor post-grad pass for the CPU's float32 convolutions and matrix-vector products of
+    the double backward, or None where this torch has no custom-pass hook. Three rewrites, each the
+    same linear map:
 
     - A strided transposed convolution becomes the input gradient of the matching convolution
       (``aten.convolution_backward``; the transposed convolution *is* that gradient, the output
@@ -54,6 +55,12 @@ def conv_gradient_pass() -> object | None:
       ``input`` argument, yet oneDNN first copies that argument into the channels-last layout
       the layout optimisation gives every convolution: 0.1-0.2 ms per call for the expanded
       or contiguous tensors autograd passes there. It gets an empty channels-last tensor.
+    - A batched matrix-vector product (``bmm`` of [n, 1, K] and [n, K, N], or of [n, M, K] and
+      [n, K, 1]: a final Linear layer's products per lane, under ``vmap``) becomes ``baddbmm`` with
+      ``beta = 0``. Inductor lowers such a ``bmm`` on the CPU as a multiply and a sum, fused into the
+      loops that produce its operands, which then recompute them for every block of outputs; the
+      library call reads the matrix once. One thread: LFW (641 classes), 12 lanes, 15.3 -> 11.4 ms
+      per objective call; CIFAR-100, 20 lanes, 9.8 -> 8.8 ms; CIFAR-10, 32 lanes, about 3 % less.
 
     float64 (no layout optimisation, see :func:`attacks.dlg.compile_objective`) and CUDA are
     left alone.
@@ -64,6 +71,7 @@ def conv_gradient_pass() -> object | None:
         return None
 
     conv, grad = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
+    bmm, baddbmm = torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default
     input_only = [True, False, False]
 
     def on_cpu_f32(val: object) -> bool:
@@ -80,8 +88,23 @@ def conv_gradient_pass() -> object | None:
         node.meta["val"] = like
         return node
 
-    class ConvolutionGradientPass(CustomGraphPass):
+    class CpuRewrites(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.target is not bmm:
+                    continue
+                a, b = node.args
+                out = node.meta.get("val")
+                if not on_cpu_f32(out) or (out.shape[1] != 1 and out.shape[2] != 1):
+                    continue
+                with out.fake_mode:
+                    like = torch.empty((1, 1, 1), dtype=out.dtype, device=out.device)
+                with graph.inserting_before(node):  # beta = 0: baddbmm never reads its first argument
+                    unread = empty_node(graph, like)
+                    new = graph.call_function(baddbmm, (unread, a, b), {"beta": 0})
+                new.meta["val"] = out
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
             for node in list(graph.nodes):
                 if node.op != "call_function" or node.target is not conv:
                     continue
@@ -119,4 +142,4 @@ def conv_gradient_pass() -> object | None:
             # the compiled graphs, and a cache kept across a change to it ran stale code.
             return get_hash_for_files((__file__, os.path.join(os.path.dirname(__file__), "last_layer.py")))
 
-    return ConvolutionGradientPass()
+    return CpuRewrites()

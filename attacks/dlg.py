@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
-from attacks.compiling import compile_or_eager, conv_gradient_pass
+from attacks.compiling import compile_or_eager, cpu_rewrite_pass
 from attacks.last_layer import weight_match
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.errors import UserError
@@ -330,10 +330,11 @@ def compile_objective(fn: Callable, dtype: torch.dtype = torch.float32) -> Calla
     float64 turns off inductor's channels-last layout optimisation: with it, torch 2.14 on the
     CPU computed a wrong per-lane weight gradient for the second convolution (35 % off; float32
     was right, and is faster with it). ``test_compiled_objective_agrees_with_eager`` checks both.
-    Convolution gradients run in faster, equivalent forms; see :func:`attacks.compiling.conv_gradient_pass`.
+    Convolution gradients and matrix-vector products run in faster, equivalent forms; see
+    :func:`attacks.compiling.cpu_rewrite_pass`.
     """
     options: dict = {"layout_optimization": False} if dtype == torch.float64 else {}
-    if (rewrite := conv_gradient_pass()) is not None:
+    if (rewrite := cpu_rewrite_pass()) is not None:
         options["post_grad_custom_post_pass"] = rewrite
     return compile_or_eager(fn, what="the attack objective", dynamic=False, options=options)
 

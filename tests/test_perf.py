@@ -293,14 +293,14 @@ def test_compiled_objective_agrees_with_eager(dtype, rtol, batch_size):
 
 
 @pytest.mark.parametrize(("stride", "rewritten"), [(2, True), (1, False)])
-def test_conv_gradient_pass_rewrites_strided_ones_exactly(stride, rewritten):
+def test_conv_pass_rewrites_strided_ones_exactly(stride, rewritten):
     """The post-grad pass turns a strided, grouped transposed convolution into the matching
     convolution's input gradient: the graph changes, its output does not (beyond rounding)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from attacks.compiling import conv_gradient_pass
+    from attacks.compiling import cpu_rewrite_pass
 
-    rewrite = conv_gradient_pass()
+    rewrite = cpu_rewrite_pass()
     if rewrite is None:
         pytest.skip("this torch has no inductor custom-pass hook")
     gen = torch.Generator().manual_seed(0)
@@ -323,9 +323,9 @@ def test_conv_pass_gives_input_gradients_an_empty_channels_last_input():
     empty channels-last tensor (no layout copy); the result is the same, and full gradients keep their input."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from attacks.compiling import conv_gradient_pass
+    from attacks.compiling import cpu_rewrite_pass
 
-    rewrite = conv_gradient_pass()
+    rewrite = cpu_rewrite_pass()
     if rewrite is None:
         pytest.skip("this torch has no inductor custom-pass hook")
     gen = torch.Generator().manual_seed(0)
@@ -348,6 +348,30 @@ def test_conv_pass_gives_input_gradients_an_empty_channels_last_input():
     got, want = gm(grad_out, x, w), f(grad_out, x, w)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("shapes", "rewritten"), [(((4, 1, 8), (4, 8, 5)), True), (((4, 3, 8), (4, 8, 1)), True),
+                                                 (((4, 3, 8), (4, 8, 5)), False)])
+def test_matvec_pass_calls_the_library_exactly(shapes, rewritten):
+    """A batched matrix-vector product (one side of width 1) becomes baddbmm with beta = 0, which
+    never reads its first argument (uninitialised here); a true matrix product stays bmm."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from attacks.compiling import cpu_rewrite_pass
+
+    rewrite = cpu_rewrite_pass()
+    if rewrite is None:
+        pytest.skip("this torch has no inductor custom-pass hook")
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(s, generator=gen) for s in shapes)
+    gm = make_fx(torch.bmm, tracing_mode="fake")(a, b)
+    rewrite(gm.graph)
+    gm.recompile()
+    targets = {n.target for n in gm.graph.nodes}
+    assert (torch.ops.aten.baddbmm.default in targets) == rewritten
+    assert (torch.ops.aten.bmm.default in targets) != rewritten
+    for _ in range(3):  # fresh uninitialised memory each call: NaNs there must never show
+        torch.testing.assert_close(gm(a, b), torch.bmm(a, b), rtol=1e-6, atol=1e-6)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
