@@ -350,11 +350,14 @@ def test_conv_pass_gives_input_gradients_an_empty_channels_last_input():
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("shapes", "rewritten"), [(((4, 1, 8), (4, 8, 5)), True), (((4, 3, 8), (4, 8, 1)), True),
-                                                 (((4, 3, 8), (4, 8, 5)), False)])
+@pytest.mark.parametrize(("shapes", "rewritten"), [(((3, 1, 256), (3, 256, 160)), True),
+                                                 (((3, 160, 256), (3, 256, 1)), True),
+                                                 (((3, 1, 256), (3, 256, 10)), False),
+                                                 (((3, 2, 256), (3, 256, 160)), False)])
 def test_matvec_pass_calls_the_library_exactly(shapes, rewritten):
-    """A batched matrix-vector product (one side of width 1) becomes baddbmm with beta = 0, which
-    never reads its first argument (uninitialised here); a true matrix product stays bmm."""
+    """A batched matrix-vector product (one side of width 1) with a large matrix per lane becomes
+    baddbmm with beta = 0, which never reads its first argument (uninitialised here); a small one
+    (CIFAR-10's last layer) and a true matrix product stay bmm."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from attacks.compiling import cpu_rewrite_pass
