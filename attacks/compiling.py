@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 import os
@@ -10,11 +11,22 @@ from collections.abc import Callable
 
 import torch
 
+# Calls that ran eagerly after a compile failure, by reason (one line naming the function and the
+# error), in this process: the runner records them with each unit's results, so a run that fell back
+# says so in run.json and its reports instead of only in a warning that scrolled by.
+_EAGER_CALLS: collections.Counter[str] = collections.Counter()
+
+
+def eager_calls() -> dict[str, int]:
+    """How many calls ran eagerly after a compile failure so far in this process, by reason."""
+    return dict(_EAGER_CALLS)
+
 
 def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: dict | None = None) -> Callable:
     """``fn`` under ``torch.compile``; if compiling or running the compiled code fails, warn once and
-    run ``fn`` eagerly from then on (same results up to float rounding). ``DLG_BENCH_COMPILE=0``
-    returns ``fn`` itself. ``what`` names the function in the warning; ``options`` are inductor settings.
+    run ``fn`` eagerly from then on (same results up to float rounding), counted in
+    :func:`eager_calls`. ``DLG_BENCH_COMPILE=0`` returns ``fn`` itself. ``what`` names the function
+    in the warning; ``options`` are inductor settings.
     Inductor's own CPU kernels run on one thread (library calls such as convolutions still use all of
     torch's threads), which keeps results bit-identical whatever the thread count."""
     if os.environ.get("DLG_BENCH_COMPILE", "1") == "0":
@@ -24,18 +36,21 @@ def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: 
     # Single-threaded CPU kernels: with more threads inductor splits some reductions over them, and
     # a run's results would depend on the thread count (--workers, a worker's threads raised late).
     options = {"cpp.threads": 1, **(options or {})}
-    state = {"fn": torch.compile(fn, dynamic=dynamic, options=options)}
+    compiled = torch.compile(fn, dynamic=dynamic, options=options)
+    state: dict[str, str | None] = {"reason": None}
 
     def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            if state["fn"] is fn:
-                raise
-            warnings.warn(f"torch.compile of {what} failed ({type(exc).__name__}); running it eagerly",
-                          stacklevel=2)
-            state["fn"] = fn
-            return fn(*args)
+        if state["reason"] is None:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                detail = (str(exc).strip().splitlines() or [""])[0][:160]
+                state["reason"] = (f"torch.compile of {what} failed ({type(exc).__name__}: {detail}); it ran "
+                                   "eagerly: same results up to float rounding, slower")
+                warnings.warn(f"torch.compile of {what} failed ({type(exc).__name__}); running it eagerly",
+                              stacklevel=2)
+        _EAGER_CALLS[state["reason"]] += 1
+        return fn(*args)
 
     return call
 

@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = execute(preset, cells, out=out, data_root=root, workers=workers, lanes=args.lanes,
                       device=device, engine=args.engine, notices=notices, datasets=datasets,
                       snapshot_steps=preset.snapshot_steps, quiet=args.quiet)
+    for n in summary["notices"]:
+        print(f"note: {n}", file=sys.stderr)
     print(f"{summary['ran']} cells run, {summary['skipped']} already stored, "
           f"{summary['seconds']:.0f} s; results in {out}")
     jobs = select(accuracy_jobs(preset, train_sets), {k: v for k, v in only.items() if k in JOB_ONLY_KEYS})

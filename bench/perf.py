@@ -12,7 +12,8 @@ Printed: attacks per minute for each engine (the batched figure with and without
 one-off compilation, which a short warm-up run measures), their ratio, ms per
 lane-closure (wall time / closure evaluations), the batched engine's rounds (one closure call
 for all running lanes) and running lanes per round, peak RSS, and the per-image agreement
-on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). The last
+on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). Where
+``torch.compile`` failed and the batched engine ran eagerly, a ``note:`` line says so. The last
 line is ``speedup: N.Nx``, attacks per minute batched (compilation included) over
 serial.
 
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from attacks import ATTACKS, AttackBatch, Lane
+from attacks.compiling import eager_calls
 from attacks.dlg import victim_gradient
 from bench.data import load_images, resolve_data_root
 from bench.errors import UserError
@@ -102,6 +104,7 @@ def _timed_batched(batch: AttackBatch, images: torch.Tensor, steps: int,
     """A 1-step warm-up (compiles everything this batch size needs; smaller bucket sizes, for
     lanes stopping early, compile inside the timed run), then the timed run. With a ``barrier``
     (workers), both start when every worker is ready."""
+    before = eager_calls()
     if barrier is not None:
         barrier.wait()
     t0 = time.perf_counter()
@@ -111,7 +114,8 @@ def _timed_batched(batch: AttackBatch, images: torch.Tensor, steps: int,
         barrier.wait()
     res = ATTACKS.get("dlg").make(steps=steps, engine="compiled")(batch)
     return {"seconds": res.seconds, "warmup": warmup, "closures": int(res.closures.sum()), "rounds": res.rounds,
-            "mses": _mses(res, images), "status": list(res.status)}
+            "mses": _mses(res, images), "status": list(res.status),
+            "eager_fallback": sorted(k for k, v in eager_calls().items() if v > before.get(k, 0))}
 
 
 def _worker(dataset: str, count: int, root: Path, device: str, picks: list[int], slots: int, steps: int,
@@ -165,7 +169,8 @@ def _batched_in_workers(workers: int, dataset: str, count: int, root: Path, devi
             mses[i], status[i] = out["mses"][j], out["status"][j]
     return {"seconds": max(o["seconds"] for _, o in parts), "warmup": max(o["warmup"] for _, o in parts),
             "closures": sum(o["closures"] for _, o in parts), "rounds": sum(o["rounds"] for _, o in parts),
-            "mses": mses, "status": status, "worker_rss": max(o["rss"] for _, o in parts), "threads": threads}
+            "mses": mses, "status": status, "worker_rss": max(o["rss"] for _, o in parts), "threads": threads,
+            "eager_fallback": sorted({r for _, o in parts for r in o["eager_fallback"]})}
 
 
 def run_perf(args: argparse.Namespace) -> int:
@@ -212,6 +217,8 @@ def run_perf(args: argparse.Namespace) -> int:
     with_compile = res_b["seconds"] + warmup
     print(f"batched: {attacks} attacks, {where_b}, in {res_b['seconds']:.1f} s "
           f"(+ {warmup:.1f} s warm-up with compilation)", flush=True)
+    for n in res_b["eager_fallback"]:  # the batched figures are then not the compiled engine's
+        print(f"note: {n}", flush=True)
     # Fewer than the slots once no attack waits: the last ones finish in ever smaller rounds (the drain).
     lanes_per_round = closures_b / res_b["rounds"]
 
@@ -269,7 +276,7 @@ def run_perf(args: argparse.Namespace) -> int:
             "ms_per_lane_closure_batched": ms_b, "closures_serial": closures_s, "closures_batched": closures_b,
             "rounds_batched": res_b["rounds"], "lanes_per_round": lanes_per_round,
             "peak_rss_mib": rss_mib, "peak_rss_mib_worker": res_b.get("worker_rss"), "agreement": rows,
-            "success_agree": agree, "mse_within_2x": within2,
+            "success_agree": agree, "mse_within_2x": within2, "eager_fallback": res_b["eager_fallback"],
         }
         out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"speedup: {speedup:.1f}x")

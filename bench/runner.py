@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from attacks import ATTACKS, AttackBatch, Lane
+from attacks.compiling import eager_calls
 from attacks.dlg import victim_gradient
 from bench.config import Cell, Preset
 from bench.data import available, class_count, load_images
@@ -202,7 +203,9 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
                         batch_size=B, lanes=lanes, device=device, slots=slots)
     total_steps = attack.lbfgs.steps
     tick = (lambda k: progress(k * len(lanes) / total_steps)) if progress else None
+    before = eager_calls()
     result = attack(batch, progress=tick, snapshot_steps=unit.snapshot_steps)
+    eager = sorted(k for k, v in eager_calls().items() if v > before.get(k, 0))
     seconds_per_lane = result.seconds / len(lanes)
     vers = versions()
     out = []
@@ -238,7 +241,8 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
                                           if c is cell])}
         arrays.update({f"snap_{k}": np.stack(v) for k, v in snaps.items()})
         out.append({"cell_id": cell.cell_id, "spec": cell.spec(), "records": rows, "arrays": arrays,
-                    "meta": {"unit_lanes": len(lanes), "unit_slots": slots, "unit_seconds": result.seconds}})
+                    "meta": {"unit_lanes": len(lanes), "unit_slots": slots, "unit_seconds": result.seconds,
+                             "eager_fallback": eager}})
     return out
 
 
@@ -353,5 +357,9 @@ def execute(preset: Preset, cells: list[Cell], *, out: Path, data_root: Path, wo
                 if ready and 0 < len(pending) < workers:
                     threads.value = max(threads.value, cores // len(pending))
     bar.close()
+    # Compile fallbacks of every stored cell, this invocation's and a resumed run's earlier ones.
+    fallbacks = sorted({r for m in store.metas() for r in m.get("eager_fallback", [])})
+    if fallbacks:
+        atomic_write_json(out / "run.json", {**run_info, "notices": notices + fallbacks})
     return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "units": len(units),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "notices": fallbacks}

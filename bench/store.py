@@ -50,3 +50,7 @@ class Store:
         np.savez_compressed(buf, **arrays)
         atomic_write_bytes(self.cells / f"{cell_id}.npz", buf.getvalue())
         atomic_write_json(self.cells / f"{cell_id}.json", {"spec": spec, "records": records, "meta": meta})
+
+    def metas(self) -> list[dict]:
+        """The ``meta`` of every finished cell."""
+        return [json.loads(p.read_text()).get("meta", {}) for p in sorted(self.cells.glob("*.json"))]

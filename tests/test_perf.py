@@ -21,6 +21,7 @@ import torch
 
 import attacks.lbfgs as lbfgs
 from attacks import ATTACKS, AttackBatch, Lane, lbfgs_kernels
+from attacks.compiling import eager_calls
 from attacks.dlg import compile_objective, victim_gradient
 from attacks.lbfgs import BatchedLBFGS, LBFGSSettings
 from bench.data import load_images
@@ -378,7 +379,8 @@ def test_matvec_pass_calls_the_library_exactly(shapes, rewritten):
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    """When compiled code raises, objective and L-BFGS update warn once and run eagerly, with eager results."""
+    """When compiled code raises, objective and L-BFGS update warn once and run eagerly, with eager results;
+    every eager call is counted by reason (the runner records those with the results)."""
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no compiler")
@@ -392,8 +394,13 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     params, targets, probs = attack._stack(batch, attack._fixed_labels(batch))
     z = attack.initial_point(batch)
     fallback = compile_objective(attack._lane_objective(batch))
+    before = eager_calls()
     with pytest.warns(UserWarning, match="torch.compile of the attack objective failed"):
         got = fallback(z, params, targets, probs)
+    fallback(z, params, targets, probs)  # warns once, counts every eager call
+    reason = "torch.compile of the attack objective failed (RuntimeError: no compiler); it ran eagerly"
+    counted = {k: v - before.get(k, 0) for k, v in eager_calls().items() if k.startswith(reason)}
+    assert list(counted.values()) == [2], eager_calls()
     want = attack._lane_objective(batch)(z, params, targets, probs)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     f, x0 = smooth_lanes()

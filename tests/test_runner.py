@@ -256,6 +256,40 @@ def test_embedded_fallback_is_announced_never_silent(tmp_path):
     assert summary.index("embedded") < summary.index("|")  # the notice comes before any table
 
 
+def test_compile_fallback_is_announced_in_run_json_and_reports(tmp_path, monkeypatch, capsys):
+    """Where torch.compile fails, the compiled engine runs eagerly (same numbers) and the run says so:
+    a note on stderr, in run.json's notices and in both reports, which a resumed run keeps."""
+    import json
+
+    import attacks.dlg as dlg
+    import attacks.lbfgs as lbfgs
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(lbfgs, "_COMPILED", {})
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})
+    monkeypatch.delenv("DLG_BENCH_COMPILE", raising=False)
+    out = tmp_path / "out"
+    args = ["run", "--preset", TINY, "--out", str(out), "--quiet", "--workers", "1", "--engine", "compiled"]
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        assert main([*args, "--only", "defense=none"]) == 0
+    wanted = "torch.compile of the attack objective failed (RuntimeError: no compiler here)"
+    assert wanted in capsys.readouterr().err
+    # Resumed without compiling: its own cells fall back to nothing, the first cells' notice stays.
+    monkeypatch.setattr(lbfgs, "_COMPILED", {})
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})
+    monkeypatch.setenv("DLG_BENCH_COMPILE", "0")
+    assert main(args) == 0
+    assert "6 cells run, 2 already stored" in capsys.readouterr().out
+    assert any(n.startswith(wanted) for n in json.loads((out / "run.json").read_text())["notices"])
+    for report in ("summary.md", "REPRODUCTION.md"):
+        assert wanted in (out / report).read_text()
+
+
 def test_smoke_preset_on_real_data(tmp_path, data_root, capsys):
     """Every card dataset and defense family through the whole pipeline on the real files."""
     out = tmp_path / "smoke"
