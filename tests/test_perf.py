@@ -378,17 +378,9 @@ def test_matvec_pass_calls_the_library_exactly(shapes, rewritten):
         torch.testing.assert_close(gm(a, b), torch.bmm(a, b), rtol=1e-6, atol=1e-6)
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch):
+def test_compile_failure_falls_back_to_eager(no_compiler):
     """When compiled code raises, objective and L-BFGS update warn once and run eagerly, with eager results;
     every eager call is counted by reason (the runner records those with the results)."""
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no compiler")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(lbfgs, "_COMPILED", {})
-    monkeypatch.delenv("DLG_BENCH_COMPILE", raising=False)
     batch = dlg_batch(2)
     attack = ATTACKS.get("dlg").make(steps=1, engine="eager")
     params, targets, probs = attack._stack(batch, attack._fixed_labels(batch))
