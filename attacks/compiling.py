@@ -22,6 +22,11 @@ def eager_calls() -> dict[str, int]:
     return dict(_EAGER_CALLS)
 
 
+def eager_since(before: dict[str, int]) -> list[str]:
+    """The reasons of the eager calls made since ``before`` (an :func:`eager_calls` snapshot)."""
+    return sorted(k for k, v in _EAGER_CALLS.items() if v > before.get(k, 0))
+
+
 def compile_or_eager(fn: Callable, *, what: str, dynamic: bool | None, options: dict | None = None) -> Callable:
     """``fn`` under ``torch.compile``; if compiling or running the compiled code fails, warn once and
     run ``fn`` eagerly from then on (same results up to float rounding), counted in

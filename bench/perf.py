@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from attacks import ATTACKS, AttackBatch, Lane
-from attacks.compiling import eager_calls
+from attacks.compiling import eager_calls, eager_since
 from attacks.dlg import victim_gradient
 from bench.data import load_images, resolve_data_root
 from bench.errors import UserError
@@ -115,7 +115,7 @@ def _timed_batched(batch: AttackBatch, images: torch.Tensor, steps: int,
     res = ATTACKS.get("dlg").make(steps=steps, engine="compiled")(batch)
     return {"seconds": res.seconds, "warmup": warmup, "closures": int(res.closures.sum()), "rounds": res.rounds,
             "mses": _mses(res, images), "status": list(res.status),
-            "eager_fallback": sorted(k for k, v in eager_calls().items() if v > before.get(k, 0))}
+            "eager_fallback": eager_since(before)}
 
 
 def _worker(dataset: str, count: int, root: Path, device: str, picks: list[int], slots: int, steps: int,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from attacks import ATTACKS, AttackBatch, Lane
-from attacks.compiling import eager_calls
+from attacks.compiling import eager_calls, eager_since
 from attacks.dlg import victim_gradient
 from bench.config import Cell, Preset
 from bench.data import available, class_count, load_images
@@ -205,7 +205,7 @@ def run_unit(unit: Unit, progress: Callable[[float], None] | None = None) -> lis
     tick = (lambda k: progress(k * len(lanes) / total_steps)) if progress else None
     before = eager_calls()
     result = attack(batch, progress=tick, snapshot_steps=unit.snapshot_steps)
-    eager = sorted(k for k, v in eager_calls().items() if v > before.get(k, 0))
+    eager = eager_since(before)
     seconds_per_lane = result.seconds / len(lanes)
     vers = versions()
     out = []
