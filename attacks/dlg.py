@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
+from attacks import sigmoid_convnet
 from attacks.base import ATTACKS, AttackBatch, AttackKind, AttackResult
 from attacks.compiling import compile_or_eager, cpu_rewrite_pass
 from attacks.last_layer import weight_match
@@ -125,8 +126,12 @@ class DLGAttack:
         key = (repr(batch.model), batch.image_shape, batch.batch_size, batch.num_classes, self.label,
                self.dtype, str(batch.device), self.engine)
         if key not in _OBJECTIVES:
-            fn = self._lane_objective(batch)
-            _OBJECTIVES[key] = compile_objective(fn, self.dtype) if self.engine == "compiled" else fn
+            fn = sigmoid_convnet.objective(batch.model, batch.image_shape, batch.batch_size, batch.num_classes,
+                                           self.label == "soft", self.dtype, batch.device)
+            if fn is None:
+                fn = self._lane_objective(batch)
+                fn = compile_objective(fn, self.dtype) if self.engine == "compiled" else fn
+            _OBJECTIVES[key] = fn
         return _OBJECTIVES[key]
 
     def _stack(self, batch: AttackBatch, fixed_labels: Tensor):

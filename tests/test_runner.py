@@ -268,7 +268,7 @@ def test_compile_fallback_is_announced_in_run_json_and_reports(tmp_path, monkeyp
     args = ["run", "--preset", TINY, "--out", str(out), "--quiet", "--workers", "1", "--engine", "compiled"]
     with pytest.warns(UserWarning, match="running it eagerly"):
         assert main([*args, "--only", "defense=none"]) == 0
-    wanted = "torch.compile of the attack objective failed (RuntimeError: no compiler)"
+    wanted = "torch.compile of the L-BFGS update failed (RuntimeError: no compiler)"  # lenet-dlg: C objective
     assert wanted in capsys.readouterr().err
     # Resumed without compiling: its own cells fall back to nothing, the first cells' notice stays.
     monkeypatch.setattr(lbfgs, "_COMPILED", {})
