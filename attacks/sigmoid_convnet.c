@@ -241,7 +241,7 @@ static int64_t work_size(const Net *N) {
     if (col_size(L) > big) big = col_size(L);
     if (padded_size(L) > big) big = padded_size(L);
   }
-  return w + 4 * big + N->classes + 3 * N->batch * N->features + N->batch * 6 * N->classes;
+  return w + 4 * big + N->classes + N->features + 3 * N->batch * N->features + N->batch * 6 * N->classes;
 }
 
 int64_t sigmoid_convnet_work(int64_t layers, const int64_t *spec, int64_t batch, int64_t classes) {
@@ -352,8 +352,8 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   }
   REAL *gcol = p, *tcol = p + big, *uT = p + 2 * big, *pad = p + 3 * big;
   p += 4 * big;
-  REAL *gbf = p, *sW = p + C, *svW = p + C + B * F, *r = p + C + 2 * B * F;
-  p += C + 3 * B * F;
+  REAL *gbf = p, *r = p + C, *sW = p + C + F, *pW = p + C + F + B * F, *svW = p + C + F + 2 * B * F;
+  p += C + F + 3 * B * F;
   REAL *prob = p, *smax = p + B * C, *delta = p + 2 * B * C, *dbar = p + 3 * B * C, *obar = p + 4 * B * C,
        *pbar = p + 5 * B * C;
   const REAL *Wf = W[2 * Lc], *bf = W[2 * Lc + 1];
@@ -372,13 +372,15 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
       for (int64_t c = 0; c < L->co; c++) sigmoid(al + c * P, W[2 * l + 1][c], P);
     }
   }
-  /* The final Linear: its [C, F] weight and target are read row by row, in three passes (here, for
-   * G's distance, for G's adjoint), each row once for all images: they may be larger than the cache. */
+  /* The final Linear. Its [C, F] weight and target may exceed the cache (LFW: 641 classes): they are
+   * read row by row, in two passes (here and for G's adjoint), each row once for all images. Here:
+   * the logits o, and the rows' sums that e_L = delta W needs, sW = sum_c softmax(o)_c W_c (as
+   * sum_c exp(o_c - m) W_c / sum_c exp(o_c - m), rescaled whenever the running maximum m grows) and
+   * pW = sum_c p_c W_c: e_L = (sum(p) sW - pW) / B. */
   const REAL *h = a[Lc - 1];
-  for (int64_t c = 0; c < C; c++)
-    for (int64_t b = 0; b < B; b++) smax[b * C + c] = bf[c] + dot(Wf + c * F, h + b * F, F);
+  REAL top[B], norm[B], mass[B]; /* per image: running maximum, softmax normaliser, sum(p) */
   for (int64_t b = 0; b < B; b++) {
-    REAL *pb = prob + b * C, *sb = smax + b * C, *db = delta + b * C;
+    REAL *pb = prob + b * C;
     if (soft) { /* the label's softmax */
       const REAL *lg = z + B * img + b * C;
       REAL mx = lg[0], s = 0;
@@ -388,35 +390,49 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
     } else {
       memcpy(pb, fixed + b * C, (size_t)C * sizeof(REAL));
     }
-    REAL mx = -INFINITY, s = 0, psum = 0;
-    for (int64_t c = 0; c < C; c++) mx = sb[c] > mx ? sb[c] : mx;
-    for (int64_t c = 0; c < C; c++) s += (sb[c] = exp(sb[c] - mx));
-    for (int64_t c = 0; c < C; c++) sb[c] /= s, psum += pb[c];
-    for (int64_t c = 0; c < C; c++) db[c] = (sb[c] * psum - pb[c]) / B;
+    top[b] = -INFINITY, norm[b] = 0;
   }
-
-  /* Backward: the shared gradient of the dummy pair, and its distance to the target. Row c of the
-   * Linear's: r = G_c - T_c = sum_b delta_bc h_b - T_c; e_L = delta W; sW = softmax W (for later). */
-  REAL D = 0;
-  memset(e[Lc - 1], 0, (size_t)(B * F) * sizeof(REAL));
-  memset(sW, 0, (size_t)(B * F) * sizeof(REAL));
+  memset(sW, 0, (size_t)(2 * B * F) * sizeof(REAL)); /* sW and pW */
   for (int64_t c = 0; c < C; c++) {
-    const REAL *Wc = Wf + c * F, *Tc = T[2 * Lc] + c * F;
-    REAL gc = -T[2 * Lc + 1][c];
-    for (int64_t f = 0; f < F; f++) r[f] = -Tc[f];
+    const REAL *Wc = Wf + c * F;
     for (int64_t b = 0; b < B; b++) {
-      const REAL d = delta[b * C + c], sm = smax[b * C + c], *hb = h + b * F;
-      REAL *eb = e[Lc - 1] + b * F, *sWb = sW + b * F;
-      for (int64_t f = 0; f < F; f++) {
-        r[f] += d * hb[f];
-        eb[f] += d * Wc[f];
-        sWb[f] += sm * Wc[f];
+      const REAL o = bf[c] + dot(Wc, h + b * F, F), pc = prob[b * C + c];
+      REAL *sWb = sW + b * F, *pWb = pW + b * F;
+      smax[b * C + c] = o;
+      if (o > top[b]) {
+        const REAL scale = exp(top[b] - o);
+        norm[b] *= scale;
+        for (int64_t f = 0; f < F; f++) sWb[f] *= scale;
+        top[b] = o;
       }
-      gc += d;
+      const REAL w = exp(o - top[b]);
+      norm[b] += w;
+      for (int64_t f = 0; f < F; f++) {
+        sWb[f] += w * Wc[f];
+        pWb[f] += pc * Wc[f];
+      }
     }
-    D += dot(r, r, F) + gc * gc;
+  }
+  REAL D = 0;
+  for (int64_t b = 0; b < B; b++) {
+    const REAL *pb = prob + b * C;
+    REAL *sb = smax + b * C, *db = delta + b * C, *eb = e[Lc - 1] + b * F, *sWb = sW + b * F, psum = 0;
+    for (int64_t c = 0; c < C; c++) sb[c] = exp(sb[c] - top[b]) / norm[b], psum += pb[c];
+    for (int64_t c = 0; c < C; c++) db[c] = (sb[c] * psum - pb[c]) / B;
+    mass[b] = psum;
+    for (int64_t f = 0; f < F; f++) {
+      sWb[f] /= norm[b];
+      eb[f] = (psum * sWb[f] - pW[b * F + f]) / B;
+    }
+  }
+  for (int64_t c = 0; c < C; c++) { /* the bias's gradient delta and its adjoint */
+    REAL gc = -T[2 * Lc + 1][c];
+    for (int64_t b = 0; b < B; b++) gc += delta[b * C + c];
+    D += gc * gc;
     gbf[c] = 2 * gc;
   }
+
+  /* Backward through the convolutions, and their weight gradients' distance to the target. */
   for (int64_t l = Lc - 1; l >= 0; l--) {
     const Conv *L = &N->conv[l];
     const int64_t P = L->ho * L->wo, CK = L->ci * L->k * L->k, O = out_size(L);
@@ -438,18 +454,17 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   }
   for (int64_t l = 0; l < Lc; l++) { /* gW, gb become their adjoints 2 (g - t) */
     const int64_t co = N->conv[l].co, CK = wsize(&N->conv[l]) / co;
-    REAL acc[VEC] = {0}, r;
+    REAL acc[VEC] = {0}, sq;
     for (int64_t k = 0; k < CK; k++) /* T is [co, CK], gW^T [CK, co] */
       for (int64_t c = 0; c < co; c++) {
         const REAL d = gW[l][k * co + c] - T[2 * l][c * CK + k];
         acc[c % VEC] += d * d;
         gW[l][k * co + c] = 2 * d;
       }
-    REDUCE(acc, r);
-    D += r;
+    REDUCE(acc, sq);
+    D += sq;
     D += sq_diff(gb[l], T[2 * l + 1], gb[l], N->conv[l].co);
   }
-  *value = D;
 
   /* The backward pass, differentiated: adjoints of u and e, first layer first. */
   for (int64_t l = 0; l < Lc; l++) {
@@ -471,8 +486,10 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
       abar[l][i] = ubar[l][i] * e[l][i] * (1 - 2 * al);
     }
   }
-  /* G's adjoint 2 r, row by row: dbar = gbar + W ebar_L + 2 r h (from e_L = delta W, G = delta^T h,
-   * g = delta), hbar += delta 2 r; with v = dbar sum p / B, svW accumulates softmax v W. */
+  /* The Linear's weight gradient G, its distance to the target and its adjoint 2 r, row by row:
+   * r = G_c - T_c = sum_b delta_bc h_b - T_c, dbar = gbar + W ebar_L + 2 r h (from e_L = delta W,
+   * G = delta^T h, g = delta), hbar += delta 2 r; with v = dbar sum p / B, svW accumulates
+   * softmax v W. */
   memset(svW, 0, (size_t)(B * F) * sizeof(REAL));
   for (int64_t c = 0; c < C; c++) {
     const REAL *Wc = Wf + c * F, *Tc = T[2 * Lc] + c * F;
@@ -481,11 +498,10 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
       const REAL d = delta[b * C + c], *hb = h + b * F;
       for (int64_t f = 0; f < F; f++) r[f] += d * hb[f];
     }
+    D += dot(r, r, F);
     for (int64_t b = 0; b < B; b++) {
       const REAL d = delta[b * C + c], *hb = h + b * F, *eb = ebar[Lc - 1] + b * F;
-      REAL psum = 0;
-      for (int64_t k = 0; k < C; k++) psum += prob[b * C + k];
-      const REAL db = gbf[c] + dot(Wc, eb, F) + 2 * dot(r, hb, F), sv = smax[b * C + c] * db * psum / B;
+      const REAL db = gbf[c] + dot(Wc, eb, F) + 2 * dot(r, hb, F), sv = smax[b * C + c] * db * mass[b] / B;
       REAL *hbar = abar[Lc - 1] + b * F, *svWb = svW + b * F;
       dbar[b * C + c] = db;
       for (int64_t f = 0; f < F; f++) {
@@ -497,8 +513,8 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   for (int64_t b = 0; b < B; b++) {
     const REAL *sb = smax + b * C, *pb = prob + b * C, *dbb = dbar + b * C;
     REAL *pbb = pbar + b * C, *hbar = abar[Lc - 1] + b * F;
-    REAL psum = 0, ds = 0, sv = 0;
-    for (int64_t c = 0; c < C; c++) psum += pb[c];
+    const REAL psum = mass[b];
+    REAL ds = 0, sv = 0;
     /* delta = (softmax(o) sum p - p) / B; o = W h + b: hbar += W^T obar = svW - (s . v) sW */
     for (int64_t c = 0; c < C; c++) sv += sb[c] * dbb[c] * psum / B, ds += dbb[c] * sb[c];
     for (int64_t f = 0; f < F; f++) hbar[f] += svW[b * F + f] - sv * sW[b * F + f];
@@ -509,6 +525,8 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
       for (int64_t c = 0; c < C; c++) grad[B * img + b * C + c] = pb[c] * (pbb[c] - pp);
     }
   }
+
+  *value = D;
 
   /* The forward pass, differentiated: last layer first, into the input's gradient. */
   memset(xbar, 0, (size_t)(B * img) * sizeof(REAL));
