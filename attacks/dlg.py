@@ -12,14 +12,15 @@ iDLG reads the label of a single image off the shared gradient of the last layer
 (the only row of the final weight gradient whose sum is negative, ``argmin``), then
 optimises the image alone against plain cross-entropy with that label; otherwise as DLG.
 
-Lanes run in one batched computation: ``torch.func.vmap`` over the gradient-matching
-loss and its gradient (grad of grad), optionally ``torch.compile``d, driven by
-:class:`attacks.lbfgs.BatchedLBFGS`. Where the model ends in a Linear layer, that layer's
-gradient is written out and its weight's match term taken in one pass
-(:mod:`attacks.last_layer`); the value and gradient are autograd's, up to float rounding.
-Each lane has its own weights, target gradient and seed, and no quantity is shared across
-lanes. ``engine="serial"`` is the paper's
-code itself (``torch.optim.LBFGS`` on one lane at a time), kept as the reference.
+Lanes run in one batched computation driven by :class:`attacks.lbfgs.BatchedLBFGS`. On the CPU,
+for a chain of Conv2d-sigmoid layers ending in a Linear (``lenet-dlg``), the gradient-matching
+loss and its gradient come from one C kernel (:mod:`attacks.sigmoid_convnet`); otherwise from
+``torch.func.vmap`` over the loss and its gradient (grad of grad), optionally ``torch.compile``d,
+where a final Linear layer's gradient is written out and its weight's match term taken in one
+pass (:mod:`attacks.last_layer`). Either way the value and gradient are autograd's, up to float
+rounding. Each lane has its own weights, target gradient and seed, and no quantity is shared
+across lanes. ``engine="serial"`` is the paper's code itself (``torch.optim.LBFGS`` on one lane
+at a time), kept as the reference.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class DLGAttack:
         return vmap(grad_and_value(objective), in_dims=(0, 0, 0, 0))
 
     def _objective(self, batch: AttackBatch) -> Callable:
-        """The batched objective for this architecture and shape, compiled once per process."""
+        """The batched objective for this architecture and shape, made (and compiled) once per process:
+        the C kernel where it applies, else the vmap objective."""
         key = (repr(batch.model), batch.image_shape, batch.batch_size, batch.num_classes, self.label,
                self.dtype, str(batch.device), self.engine)
         if key not in _OBJECTIVES:

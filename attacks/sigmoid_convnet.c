@@ -11,6 +11,9 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int thread_id(void) { return 0; }
 #endif
 
 #ifndef REAL
@@ -241,7 +244,7 @@ static int64_t work_size(const Net *N) {
     if (col_size(L) > big) big = col_size(L);
     if (padded_size(L) > big) big = padded_size(L);
   }
-  return w + 4 * big + N->classes + N->features + 3 * N->batch * N->features + N->batch * 6 * N->classes;
+  return w + 4 * big + N->classes + N->features + 3 * N->batch * N->features + N->batch * 5 * N->classes;
 }
 
 int64_t sigmoid_convnet_work(int64_t layers, const int64_t *spec, int64_t batch, int64_t classes) {
@@ -354,8 +357,7 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   p += 4 * big;
   REAL *gbf = p, *r = p + C, *sW = p + C + F, *pW = p + C + F + B * F, *svW = p + C + F + 2 * B * F;
   p += C + F + 3 * B * F;
-  REAL *prob = p, *smax = p + B * C, *delta = p + 2 * B * C, *dbar = p + 3 * B * C, *obar = p + 4 * B * C,
-       *pbar = p + 5 * B * C;
+  REAL *prob = p, *smax = p + B * C, *delta = p + 2 * B * C, *dbar = p + 3 * B * C, *pbar = p + 4 * B * C;
   const REAL *Wf = W[2 * Lc], *bf = W[2 * Lc + 1];
   const int64_t img = N->image;
   REAL *xbar = grad;
@@ -551,8 +553,9 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
 void sigmoid_convnet(int64_t n, int64_t layers, const int64_t *spec, int64_t batch, int64_t classes, int64_t Dz,
                      const REAL *z, int soft, const REAL *fixed, const REAL *const *params,
                      const REAL *const *targets, REAL *grad, REAL *value, REAL *work, int threads) {
+  (void)threads; /* only OpenMP reads it */
   const Net N = net_of(layers, spec, batch, classes);
-  const int64_t ws = work_size(&N);
+  const int64_t ws = work_size(&N); /* scratch per thread */
   int64_t sizes[2 * MAX_LAYERS + 2];
   for (int64_t l = 0; l < layers; l++) sizes[2 * l] = wsize(&N.conv[l]), sizes[2 * l + 1] = N.conv[l].co;
   sizes[2 * layers] = classes * N.features, sizes[2 * layers + 1] = classes;
@@ -560,11 +563,6 @@ void sigmoid_convnet(int64_t n, int64_t layers, const int64_t *spec, int64_t bat
   for (int64_t i = 0; i < n; i++) {
     const REAL *W[2 * MAX_LAYERS + 2], *T[2 * MAX_LAYERS + 2];
     for (int64_t k = 0; k < 2 * layers + 2; k++) W[k] = params[k] + i * sizes[k], T[k] = targets[k] + i * sizes[k];
-#ifdef _OPENMP
-    REAL *mine = work + (threads > 1 ? omp_get_thread_num() : 0) * ws;
-#else
-    REAL *mine = work;
-#endif
-    lane(&N, z + i * Dz, soft, fixed + i * batch * classes, W, T, grad + i * Dz, value + i, mine);
+    lane(&N, z + i * Dz, soft, fixed + i * batch * classes, W, T, grad + i * Dz, value + i, work + thread_id() * ws);
   }
 }

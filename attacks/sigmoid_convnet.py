@@ -17,7 +17,8 @@ product; blocks of them are AVX-512 code where the compiler targets it.
 Why: ``vmap`` over grad of grad runs each lane's 19 small convolutions as oneDNN grouped
 convolutions plus inductor's elementwise kernels; the kernel does the same arithmetic in one pass
 per lane, with the lane's data in cache. It matches autograd to float rounding (tests: float64
-to 1e-12, float32 to 1e-5), and its results do not depend on the lane count or thread count.
+to 1e-12; float32 within 4x of float32 autograd's own error), and its results do not depend on the
+lane count or thread count.
 Where it does not apply (another model, CUDA, a dtype other than float32/float64, no C
 compiler, ``DLG_BENCH_KERNELS=0``) the attack uses the ``vmap`` objective.
 """
