@@ -142,13 +142,16 @@ def test_only_sigmoid_chains_are_recognised():
     others = [
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 5)),  # not a sigmoid
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Sigmoid(), nn.Flatten(), nn.Linear(256, 5)),
-        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1, dilation=2), nn.Sigmoid(), nn.Flatten(),
-                      nn.Linear(64, 5)),
-        nn.Sequential(nn.Conv2d(3, 4, (3, 1), padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(360, 5)),
+        nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1, dilation=2), nn.Sigmoid(), nn.Flatten(),
+                      nn.Linear(16, 5)),  # the size without dilation is the same 2 x 2
+        nn.Sequential(nn.Conv2d(3, 4, (3, 1), padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(320, 5)),
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.Sigmoid(), nn.Flatten(),
+                      nn.Linear(256, 5)),
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(256, 5, bias=False)),
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(256, 5), nn.Sigmoid()),
     ]
-    for model in others:
+    for model in others:  # each model runs on this input: only the named property rules it out
+        model(torch.zeros(1, 3, 8, 8))
         assert sigmoid_convnet.layout(model, (3, 8, 8)) is None, model
     assert sigmoid_convnet.layout(_strided(5), (3, 13, 13)) is not None
     assert sigmoid_convnet.layout(_strided(5), (3, 12, 12)) is None  # the Linear does not fit this input
