@@ -188,13 +188,14 @@ static void col2im(const Conv *L, const REAL *col, REAL *out) {
           const REAL *rows = col + (c * K + i) * K * P + (q / S) * wo;
           for (int64_t j = 0; j < K; j++) {
             const REAL *r = rows + j * P;
-            for (int v = 0; v < nv; v++)
-              if (S == 1) /* lane ix reads r[ix - j + p] */
+            if (S == 1) /* lane ix reads r[ix - j + p] */
+              for (int v = 0; v < nv; v++)
                 acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_loadu_ps(m[j][v], r + 16 * v + p - j));
-              else
-                acc[v] = _mm512_add_ps(acc[v],
-                                       _mm512_maskz_permutexvar_ps(m[j][v], idx[j][v], _mm512_maskz_loadu_ps(
-                                                                                          (__mmask16)((1u << wo) - 1), r)));
+            else { /* lane ix reads r[(ix - j + p) / 2] where that is whole */
+              const __m512 row = _mm512_maskz_loadu_ps((__mmask16)((1u << wo) - 1), r);
+              for (int v = 0; v < nv; v++)
+                acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_permutexvar_ps(m[j][v], idx[j][v], row));
+            }
           }
         }
         REAL *o = out + (c * L->h + iy) * w;
@@ -234,17 +235,27 @@ static Net net_of(int64_t layers, const int64_t *spec, int64_t batch, int64_t cl
   return N;
 }
 
+/* The size of each of the four per-image buffers reused across layers (an unfolded input or its
+ * adjoint, a transposed u, a padded input): the largest of those over the layers. */
+static int64_t buffer_size(const Net *N) {
+  int64_t big = 0;
+  for (int64_t l = 0; l < N->layers; l++) {
+    const Conv *L = &N->conv[l];
+    const int64_t sizes[3] = {col_size(L), out_size(L), padded_size(L)};
+    for (int k = 0; k < 3; k++) big = sizes[k] > big ? sizes[k] : big;
+  }
+  return big;
+}
+
 /* Per-lane scratch, in REALs: per layer and image the unfolded input, a, e, u, and the adjoints of
- * a, e, u; per layer the weight-gradient adjoints; two unfolded buffers; the last layer's vectors. */
+ * a, e, u; per layer the weight-gradient adjoints; four reused buffers; the last layer's vectors. */
 static int64_t work_size(const Net *N) {
-  int64_t w = 0, big = 0;
+  int64_t w = 0;
   for (int64_t l = 0; l < N->layers; l++) {
     const Conv *L = &N->conv[l];
     w += N->batch * (col_size(L) + 6 * out_size(L)) + wsize(L) + L->co;
-    if (col_size(L) > big) big = col_size(L);
-    if (padded_size(L) > big) big = padded_size(L);
   }
-  return w + 4 * big + N->classes + N->features + 3 * N->batch * N->features + N->batch * 5 * N->classes;
+  return w + 4 * buffer_size(N) + N->classes + N->features + 3 * N->batch * N->features + N->batch * 5 * N->classes;
 }
 
 int64_t sigmoid_convnet_work(int64_t layers, const int64_t *spec, int64_t batch, int64_t classes) {
@@ -348,11 +359,7 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
     gW[l] = p, p += wsize(L);
     gb[l] = p, p += L->co;
   }
-  int64_t big = 0;
-  for (int64_t l = 0; l < Lc; l++) {
-    if (col_size(&N->conv[l]) > big) big = col_size(&N->conv[l]);
-    if (padded_size(&N->conv[l]) > big) big = padded_size(&N->conv[l]);
-  }
+  const int64_t big = buffer_size(N);
   REAL *gcol = p, *tcol = p + big, *uT = p + 2 * big, *pad = p + 3 * big;
   p += 4 * big;
   REAL *gbf = p, *r = p + C, *sW = p + C + F, *pW = p + C + F + B * F, *svW = p + C + F + 2 * B * F;

@@ -36,6 +36,10 @@ def _strided(classes: int) -> nn.Module:  # 13 x 13 input, stride 2: 7 x 7 outpu
     return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(196, classes))
 
 
+def _pointwise(classes: int) -> nn.Module:  # 1 x 1 kernels widening 2 to 6 channels: u outgrows the unfolded input
+    return nn.Sequential(nn.Conv2d(2, 6, 1), nn.Sigmoid(), nn.Flatten(), nn.Linear(150, classes))
+
+
 def _wide(classes: int) -> nn.Module:  # 40 x 40 input: rows wider than the vector code takes
     return nn.Sequential(nn.Conv2d(1, 4, 5, stride=2, padding=2), nn.Sigmoid(), nn.Flatten(), nn.Linear(1600, classes))
 
@@ -46,6 +50,7 @@ MODELS = {  # name: (build(classes, generator), image shape)
     "odd": (lambda C, g: OddChain(C), (2, 11, 11)),
     "strided": (lambda C, g: _strided(C), (3, 13, 13)),
     "wide": (lambda C, g: _wide(C), (1, 40, 40)),
+    "pointwise": (lambda C, g: _pointwise(C), (2, 5, 5)),
 }
 
 
@@ -86,7 +91,7 @@ def _both(batch: AttackBatch, label: str, dtype=F64, z_seed: int = 7):
 
 CASES = [("lenet-dlg", 1, 10, "dlg"), ("lenet-dlg", 2, 10, "dlg"), ("lenet-dlg", 1, 10, "idlg"),
          ("lenet-dlg", 1, 100, "dlg"), ("lenet-dlg-gray", 1, 10, "dlg"), ("odd", 2, 6, "dlg"),
-         ("strided", 1, 5, "dlg"), ("wide", 1, 4, "idlg")]
+         ("strided", 1, 5, "dlg"), ("wide", 1, 4, "idlg"), ("pointwise", 2, 3, "dlg")]
 
 
 @pytest.mark.parametrize(("name", "B", "C", "label"), CASES)
