@@ -122,18 +122,20 @@ class DLGAttack:
 
         return vmap(grad_and_value(objective), in_dims=(0, 0, 0, 0))
 
-    def _objective(self, batch: AttackBatch) -> Callable:
-        """The batched objective for this architecture and shape, made (and compiled) once per process:
-        the C kernel where it applies, else the vmap objective."""
+    def _objective(self, batch: AttackBatch) -> tuple[Callable, bool]:
+        """The batched objective for this architecture and shape, made (and compiled) once per process,
+        and whether its lane count must be padded to a bucket (:func:`bucket_size`): the C kernel
+        where it applies (any lane count), else the vmap objective (padded)."""
         key = (repr(batch.model), batch.image_shape, batch.batch_size, batch.num_classes, self.label,
                self.dtype, str(batch.device), self.engine)
         if key not in _OBJECTIVES:
             fn = sigmoid_convnet.objective(batch.model, batch.image_shape, batch.batch_size, batch.num_classes,
                                            self.label == "soft", self.dtype, batch.device)
-            if fn is None:
+            if fn is not None:
+                _OBJECTIVES[key] = fn, False
+            else:
                 fn = self._lane_objective(batch)
-                fn = compile_objective(fn, self.dtype) if self.engine == "compiled" else fn
-            _OBJECTIVES[key] = fn
+                _OBJECTIVES[key] = (compile_objective(fn, self.dtype) if self.engine == "compiled" else fn), True
         return _OBJECTIVES[key]
 
     def _stack(self, batch: AttackBatch, fixed_labels: Tensor):
@@ -189,7 +191,7 @@ class DLGAttack:
 
     def _run_batched(self, batch, fixed, progress, snapshot_steps):
         params, targets, fixed = self._stack(batch, fixed)
-        objective = self._objective(batch)
+        objective, pads = self._objective(batch)
         n = len(batch.lanes)
         slots = min(batch.slots or n, n)
         # Per-slot copies of each running lane's weights, targets and label: gathered once when
@@ -198,7 +200,7 @@ class DLGAttack:
 
         def closure(z: Tensor, lanes: Tensor) -> tuple[Tensor, Tensor]:
             k = lanes.numel()
-            size = bucket_size(k, slots)
+            size = bucket_size(k, slots) if pads else k
             if size > k:  # pad with copies of a running lane so compiled shapes stay few
                 lanes = torch.cat([lanes, lanes[:1].expand(size - k)])
                 z = torch.cat([z, z[:1].expand(size - k, -1)])
@@ -292,7 +294,7 @@ class DLGAttack:
                 torch.stack(finals), {k: torch.stack(v) for k, v in snaps.items()})
 
 
-_OBJECTIVES: dict[tuple, Callable] = {}
+_OBJECTIVES: dict[tuple, tuple[Callable, bool]] = {}
 
 
 @contextmanager

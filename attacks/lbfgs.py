@@ -16,14 +16,13 @@ the second ``R^T c = diag(R) a - H_diag (-Y^T g - Y^T Y a)``, and
 twice (once for ``S^T g, Y^T g, S^T y, Y^T y``, once for ``d``) instead of running 2H
 dependent vector updates. Mathematically identical; rounding differs in the last bits.
 
-Performance notes: a round is the closure, the direction, and a few fixed-shape, mask-based
-tensor expressions over all lanes (no per-lane Python, one host sync per round). On the CPU
-the direction (both passes over the [N, 2H, D] history and the [H, H] algebra between them)
-is one C kernel (:mod:`attacks.lbfgs_kernels`); elsewhere it is batched tensor code
-(``bmm``, triangular solves, ``baddbmm``). The small [H, H] matrices are kept in
-chronological order so the solves need no gathers. Everything of a round after the closure
-(arrival of the evaluation, the direction, the move) is one pure function, ``_round``, run
-under ``torch.compile``: one call and a few fused kernels instead of dozens of small ones.
+Performance notes: a round is the closure, then everything after it (arrival of the
+evaluation, the direction, the move) as one call, with one host sync per round. On the CPU that
+call is one C kernel, lane by lane (:mod:`attacks.lbfgs_kernels`). Elsewhere it is ``_round``, a
+pure function of fixed-shape, mask-based tensor expressions over all lanes (no per-lane Python)
+run under ``torch.compile`` (a few fused kernels instead of dozens of small ones), with the
+direction as batched tensor code (``bmm``, triangular solves, ``baddbmm``). The small [H, H]
+matrices are kept in chronological order so the solves need no gathers.
 
 One "round" evaluates the closure once for every running lane. Where the serial
 optimiser would call the closure, the lane waits for the next round; everything in
@@ -131,11 +130,8 @@ def _direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor
     change: ``push`` implies ``need``); ``buf``, ``R``, ``YY``, ``start``, ``length`` are updated in
     place. g, s, y: [n, D]; dots_new: [n, 4] = (y.s, y.y, s.g, y.g).
 
-    On the CPU this is one C kernel (:mod:`attacks.lbfgs_kernels`), which skips the lanes without
-    ``need`` (stopped lanes still in the working set, lanes at the end of a step); elsewhere the
-    same in batched tensor operations, over all lanes."""
-    if lbfgs_kernels.available(buf):
-        return lbfgs_kernels.direction(buf, R, YY, start, length, g, s, y, dots_new, push, need, h_diag)
+    Batched tensor operations over all lanes; the CPU's C round computes the same lane by lane
+    (:func:`attacks.lbfgs_kernels.direction`)."""
     # Pass 1, on the history before the new pair is written: S.g, Y.g, S.y, Y.y by slot. As
     # [n, 2, D] x [n, D, 2H] (the history transposed) MKL reads it 15 % faster than the other way round.
     dots = torch.bmm(torch.stack([g, y], 1), buf.transpose(1, 2)).transpose(1, 2)
@@ -226,7 +222,7 @@ def _arrive(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, 
         (evals >= eval_budget)
         | opt_cond
         | (d.abs().amax(1) * t.abs() <= tolerance_change)  # = |d t|_max, rounding is monotonic
-        | ((loss - prev_loss).abs() < tolerance_change)
+        | ((loss.double() - prev_loss.double()).abs() < tolerance_change)  # torch: Python floats
     )
     # A break ends the step; the next round re-evaluates the same point, as torch's next step() does.
     steps = steps + brk
@@ -309,8 +305,9 @@ def compiled(fn: Callable) -> Callable:
 class BatchedLBFGS:
     """Runs ``settings.steps`` L-BFGS steps on N lanes; see the module docstring.
 
-    ``compile``: run the per-round bookkeeping and algebra under ``torch.compile`` (see
-    :func:`compiled`); it changes speed only, and results only by float rounding.
+    ``compile``: where the C round does not serve (CUDA, no C compiler, other dtypes), run the
+    tensor round under ``torch.compile`` (see :func:`compiled`); it changes speed only, and
+    results only by float rounding.
     """
 
     def __init__(self, settings: LBFGSSettings = LBFGSSettings(), *, compile: bool = True):
@@ -362,9 +359,10 @@ class BatchedLBFGS:
         h_diag = torch.ones(S, dtype=dt, device=dev)
         final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
         hist = _History(S, s.history_size, dim, dt, dev)
-        if dev.type == "cpu":
-            lbfgs_kernels.prepare(dt)  # before compiling: tracing cannot build them
-        step = compiled(_round) if self.compile else _round
+        if lbfgs_kernels.available(x0):  # the CPU: one C call per round, in place
+            step = lbfgs_kernels.round_
+        else:
+            step = compiled(_round) if self.compile else _round
         limits = (s.steps, s.lr, s.max_iter, s.eval_budget, s.tolerance_grad, s.tolerance_change)
         # Results by global lane id: written when a lane leaves the working set and at the end.
         out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),

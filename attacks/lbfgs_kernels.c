@@ -3,8 +3,15 @@
  * Built twice by lbfgs_kernels.py, with REAL = float and REAL = double. Lanes are independent
  * (split over OpenMP threads): a lane's result never depends on the others or on the thread count.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int thread_id(void) { return 0; }
+#endif
 
 #ifndef REAL
 #define REAL float
@@ -103,18 +110,20 @@ static int held_runs(int64_t st, int64_t len, int64_t H, int64_t runs[4][2]) {
   return 4;
 }
 
-/* Per-lane scratch, by row (2H) or by chronological position (H). */
+/* Per-thread scratch: the direction's, by row (2H) or by chronological position (H), and the
+ * round's new pair (s, y: D each). */
 typedef struct {
-  REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c;
+  REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c, *s, *y;
 } Scratch;
-#define WORK_PER_LANE(H) (12 * (H))
+#define WORK_PER_THREAD(H, D) (12 * (H) + 2 * (D))
 
-/* The scratch that history_direction needs per lane, so that the caller allocates exactly this much. */
-int64_t history_direction_work(int64_t H) { return WORK_PER_LANE(H); }
+/* The scratch each thread needs, so that the caller allocates exactly [threads, this]. */
+int64_t kernel_work(int64_t H, int64_t D) { return WORK_PER_THREAD(H, D); }
 
-static Scratch scratch(REAL *work, int64_t l, int64_t H) {
-  REAL *w = work + l * WORK_PER_LANE(H);
-  Scratch t = {w, w + 2 * H, w + 4 * H, w + 6 * H, w + 7 * H, w + 8 * H, w + 9 * H, w + 10 * H, w + 11 * H};
+static Scratch scratch(REAL *work, int thread, int64_t H, int64_t D) {
+  REAL *w = work + thread * WORK_PER_THREAD(H, D);
+  Scratch t = {w,          w + 2 * H,  w + 4 * H,  w + 6 * H,  w + 7 * H,         w + 8 * H,
+               w + 9 * H,  w + 10 * H, w + 11 * H, w + 12 * H, w + 12 * H + D};
   return t;
 }
 
@@ -175,48 +184,179 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
   }
 }
 
-/* For every lane l (all arrays lane-major; see _direction in lbfgs.py for the same in tensor form):
+/* One lane's direction: the new pair (s, y; dn = y.s, y.y, s.g, y.g) joins the history B [2H, D]
+ * if push (evicting the oldest pair when full), R, YY, start, length follow, and out [D] = -H g.
+ * Pass 1 walks the rows backwards, so pass 2 (first row to last) starts on the rows it read last,
+ * which a 2 MB L2 still holds: on the Intel Xeon of 2026-11-27 (32 full lanes, one thread) a call
+ * took 5.4-5.8 ms against 6.5-6.8 ms with both passes forwards over all lanes in turn. */
+static void lane_direction(int64_t H, int64_t D, REAL *B, REAL *R, REAL *YY, int64_t *start, int64_t *length,
+                           const REAL *g, const REAL *s, const REAL *y, const REAL *dn, int push, REAL h,
+                           REAL *out, Scratch t) {
+  int64_t runs[4][2];
+  for (int k = held_runs(*start, *length, H, runs) - 1; k >= 0; k--) /* pass 1, last run first */
+    dots_rows_back(B + runs[k][0] * D, runs[k][1], D, g, y, t.dg + runs[k][0], t.dy + runs[k][0]);
+  const int64_t slot = (*start + *length) % H; /* the free slot, or the oldest one when full */
+  lane_algebra(H, R, YY, start, length, dn, push, h, t);
+  if (push) {
+    memcpy(B + slot * D, s, (size_t)D * sizeof(REAL));
+    memcpy(B + (H + slot) * D, y, (size_t)D * sizeof(REAL));
+  }
+  for (int64_t e = 0; e < D; e++) out[e] = -h * g[e];
+  for (int k = 0, m = held_runs(*start, *length, H, runs); k < m; k++) /* pass 2, with the new pair */
+    combine_rows(out, B + runs[k][0] * D, t.coef + runs[k][0], runs[k][1], D);
+}
+
+/* The direction alone, for every lane l (all arrays lane-major; see _direction in lbfgs.py for the
+ * same in tensor form; the engine calls lbfgs_round, which calls lane_direction the same way):
  *   buf [2H, D]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
  *   R, YY [H, H]: triu(S^T Y) and Y^T Y by chronological position (oldest first);
  *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
  *   (evicting the oldest pair when full); h_diag [1] = H_diag; need: whether the lane's direction is
  *   used this round (push implies need). A lane without need is skipped: out = 0, its history unchanged.
  * Writes out [D] = -H g (torch.optim.LBFGS's two-loop recursion, in the compact form of Byrd,
- * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: see history_direction_work.
- * Lane by lane, both passes back to back: pass 1 walks the rows backwards, so pass 2 starts on the
- * rows it read last, which a 2 MB L2 still holds. Every sum is taken in the same order as in the
- * earlier form (three phases over all lanes, both passes forwards), so results are bit for bit the
- * same. On the Intel Xeon of 2026-11-27 (32 full lanes, one thread) a call took 5.4-5.8 ms against
- * 6.5-6.8 ms in that form; on the AMD EPYC (1 MB L2) running the passes back to back without
- * reversing either had gained nothing. Lanes are dealt out dynamically: skipped lanes would
- * otherwise leave one thread idle. */
+ * Nocedal & Schnabel 1994) and updates buf, R, YY, start, len in place. work: see kernel_work. */
 void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL *YY, int64_t *start,
                        int64_t *length, const REAL *g, const REAL *s, const REAL *y, const REAL *dots_new,
                        const uint8_t *push, const uint8_t *need, const REAL *h_diag, REAL *out, REAL *work,
                        int threads) {
+  (void)threads; /* only OpenMP reads it */
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t l = 0; l < n; l++) {
-    REAL *o = out + l * D;
     if (!need[l]) {
-      memset(o, 0, (size_t)D * sizeof(REAL));
+      memset(out + l * D, 0, (size_t)D * sizeof(REAL));
       continue;
     }
-    REAL *B = buf + l * 2 * H * D;
-    const REAL *gl = g + l * D, *yl = y + l * D;
-    Scratch t = scratch(work, l, H);
-    int64_t runs[4][2];
-    for (int k = held_runs(start[l], length[l], H, runs) - 1; k >= 0; k--) /* pass 1, last run first */
-      dots_rows_back(B + runs[k][0] * D, runs[k][1], D, gl, yl, t.dg + runs[k][0], t.dy + runs[k][0]);
-    const int64_t slot = (start[l] + length[l]) % H; /* the free slot, or the oldest one when full */
-    lane_algebra(H, R + l * H * H, YY + l * H * H, start + l, length + l, dots_new + 4 * l, push[l] != 0,
-                 h_diag[l], t);
-    if (push[l]) {
-      memcpy(B + slot * D, s + l * D, (size_t)D * sizeof(REAL));
-      memcpy(B + (H + slot) * D, yl, (size_t)D * sizeof(REAL));
+    lane_direction(H, D, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, start + l, length + l, g + l * D,
+                   s + l * D, y + l * D, dots_new + 4 * l, push[l] != 0, h_diag[l], out + l * D,
+                   scratch(work, thread_id(), H, D));
+  }
+}
+
+/* Lane states of the round (see lbfgs_round); int64 where the tensor form keeps torch.long. */
+typedef struct {
+  int64_t *status, *it, *n_iter, *evals, *steps, *closures;
+} Counters;
+enum { RUNNING = 0, CONVERGED = 1, BUDGET = 2, DIVERGED = 3 };
+
+static REAL absmax(const REAL *v, int64_t n) {
+  REAL m = 0;
+  for (int64_t e = 0; e < n; e++) m = fabs(v[e]) > m ? fabs(v[e]) : m;
+  return m;
+}
+
+static REAL abssum(const REAL *v, int64_t n) {
+  REAL acc[WIDTH] = {0}, sum = 0;
+  int64_t e = 0;
+  for (; e + WIDTH <= n; e += WIDTH)
+    for (int k = 0; k < WIDTH; k++) acc[k] += fabs(v[e + k]);
+  for (; e < n; e++) sum += fabs(v[e]);
+  for (int w = WIDTH / 2; w > 0; w /= 2)
+    for (int k = 0; k < w; k++) acc[k] += acc[k + w];
+  return sum + acc[0];
+}
+
+/* One lane's round after its evaluation (f_new, g_new) arrived: attacks.lbfgs._arrive, the
+ * direction and attacks.lbfgs._move, in the same order and with the same tests (the tensor form
+ * documents each against torch.optim.LBFGS.step). Writes the trace column col and whether this
+ * evaluation started a step (its loss is what step() returns). */
+static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *g_new, REAL *x, REAL *x_ok,
+                       Counters c, REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t,
+                       REAL *h_diag, REAL *final_loss, REAL *B, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen,
+                       int64_t *col, uint8_t *start, const int64_t *ilim, const double *flim, Scratch w) {
+  const int64_t max_steps = ilim[0], max_iter = ilim[1], eval_budget = ilim[2];
+  const REAL lr = (REAL)flim[0], tolerance_grad = (REAL)flim[1], tolerance_change = (REAL)flim[2];
+  c.closures[l] += 1;
+  col[l] = c.steps[l] < max_steps - 1 ? c.steps[l] : max_steps - 1;
+  start[l] = 0;
+  int ok = isfinite(f_new);
+  for (int64_t e = 0; e < D && ok; e++) ok = isfinite(g_new[e]);
+  if (!ok) { /* frozen at its last finite iterate; nothing of it is stored */
+    c.status[l] = DIVERGED;
+    memcpy(x, x_ok, (size_t)D * sizeof(REAL));
+    return;
+  }
+  memcpy(x_ok, x, (size_t)D * sizeof(REAL));
+  memcpy(g, g_new, (size_t)D * sizeof(REAL));
+  loss[l] = final_loss[l] = f_new;
+  const int opt_cond = absmax(g, D) <= tolerance_grad;
+  const int at_start = c.it[l] == 0;
+  start[l] = (uint8_t)at_start;
+  int go;
+  if (at_start) {
+    c.evals[l] = 1;
+    if (opt_cond) { /* torch returns at once, and every later step would repeat this */
+      c.status[l] = CONVERGED;
+      c.steps[l] += 1;
     }
-    const REAL h = h_diag[l];
-    for (int64_t e = 0; e < D; e++) o[e] = -h * gl[e];
-    for (int k = 0, m = held_runs(start[l], length[l], H, runs); k < m; k++) /* pass 2, with the new pair */
-      combine_rows(o, B + runs[k][0] * D, t.coef + runs[k][0], runs[k][1], D);
+    go = !opt_cond;
+  } else {
+    c.evals[l] += 1;
+    const int brk = c.evals[l] >= eval_budget || opt_cond || absmax(d, D) * fabs(t[l]) <= tolerance_change ||
+                    fabs((double)loss[l] - (double)prev_loss[l]) < (double)tolerance_change;
+    if (brk) { /* the next round re-evaluates the same point, as torch's next step() does */
+      c.steps[l] += 1;
+      c.it[l] = 0;
+      if (c.steps[l] >= max_steps) c.status[l] = BUDGET;
+    }
+    go = !brk;
+  }
+  if (!go) return;
+  c.it[l] += 1;
+  c.n_iter[l] += 1;
+  const int first = c.n_iter[l] == 1;
+  REAL *s = w.s, *y = w.y, dn[4];
+  for (int64_t e = 0; e < D; e++) {
+    y[e] = g[e] - prev_g[e];
+    s[e] = d[e] * t[l];
+  }
+  dn[0] = dot(y, s, D), dn[1] = dot(y, y, D), dn[2] = dot(s, g, D), dn[3] = dot(y, g, D);
+  const int push = !first && dn[0] > (REAL)1e-10; /* curvature pair from the previous iteration */
+  if (push) h_diag[l] = dn[0] / dn[1];
+  lane_direction(H, D, B, R, YY, hstart + l, hlen + l, g, s, y, dn, push, h_diag[l], d, w);
+  memcpy(prev_g, g, (size_t)D * sizeof(REAL));
+  prev_loss[l] = loss[l];
+  if (first) {
+    const REAL inv = (REAL)1 / abssum(g, D);
+    t[l] = (inv < 1 ? inv : 1) * lr;
+  } else {
+    t[l] = lr;
+  }
+  if (dot(g, d, D) > -tolerance_change) { /* not a descent direction: this and every later step stays */
+    c.steps[l] += 1;
+    c.it[l] = 0;
+    c.status[l] = CONVERGED;
+    return;
+  }
+  const REAL tl = t[l];
+  for (int64_t e = 0; e < D; e++) x[e] += tl * d[e];
+  if (c.it[l] == max_iter) { /* torch moves without evaluating and ends the step */
+    c.steps[l] += 1;
+    c.it[l] = 0;
+    if (c.steps[l] >= max_steps) c.status[l] = BUDGET;
+  }
+}
+
+/* A whole round after the closure, for every lane l with run[l] (the others keep everything and
+ * get col = their clamped step count, start = 0): the C form of attacks.lbfgs._round, with the
+ * same lane-major arrays, updated in place. ilim = (steps, max_iter, eval budget); flim = (lr,
+ * tolerance_grad, tolerance_change). work: [threads, kernel_work(H, D)]. */
+void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL *f_new, const REAL *g_new,
+                 REAL *x, REAL *x_ok, int64_t *status, int64_t *it, int64_t *n_iter, int64_t *evals, int64_t *steps,
+                 int64_t *closures, REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t,
+                 REAL *h_diag, REAL *final_loss, REAL *buf, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen,
+                 int64_t *col, uint8_t *start, const int64_t *ilim, const double *flim, REAL *work, int threads) {
+  (void)threads; /* only OpenMP reads it */
+  const Counters c = {status, it, n_iter, evals, steps, closures};
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+  for (int64_t l = 0; l < n; l++) {
+    if (!run[l]) {
+      col[l] = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1;
+      start[l] = 0;
+      continue;
+    }
+    const int64_t o = l * D;
+    lane_round(l, H, D, f_new[l], g_new + o, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t,
+               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, col, start,
+               ilim, flim, scratch(work, thread_id(), H, D));
   }
 }

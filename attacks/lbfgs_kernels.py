@@ -1,27 +1,29 @@
-"""A lane-batched L-BFGS round's direction as one C kernel on the CPU (``lbfgs_kernels.c``).
+"""A lane-batched L-BFGS round as one C call on the CPU (``lbfgs_kernels.c``).
 
-Each round reads every lane's [2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1 dots
-it with g and y, pass 2 combines its rows; between them lies the two-loop recursion's small
-algebra on [H, H] matrices. ``history_direction`` does all three, lane by lane (OpenMP over
-lanes; a lane's result does not depend on the other lanes or on the thread count), and skips the
-lanes whose direction the round does not use. On one thread of this project's 2-core AMD EPYC,
-32 lanes of ``lenet-dlg`` (79 MB of history):
+:func:`round_` is :func:`attacks.lbfgs._round` (the evaluation arrives, the history takes the new
+pair and gives the direction, the lane moves) lane by lane, in place (OpenMP over lanes; a lane's
+result does not depend on the other lanes or on the thread count). Its direction reads the lane's
+[2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1 dots it with g and y, pass 2 combines
+its rows; between them lies the two-loop recursion's small algebra on [H, H] matrices. On one
+thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
 
-- pass 1 takes 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
+- pass 1 took 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
   the new pair 2.0 ms against 2.8-3.0 ms as ``baddbmm``;
-- the algebra takes 0.3-0.4 ms, against about 1.7 ms as compiled tensor code (rolls of R and
+- the algebra took 0.3-0.4 ms, against about 1.7 ms as compiled tensor code (rolls of R and
   YY, two batched triangular solves, a batched matrix-vector product).
 
 Each lane's pass 2 follows its pass 1 at once, and pass 1 walks the rows backwards, so pass 2
-starts on the rows pass 1 read last (every sum is taken in the same order as before, so results
-are bit for bit unchanged): on the Intel Xeon of 2026-11-27 (2 MB of L2 per core) a 32-lane
-direction took 5.4-5.8 ms instead of 6.5-6.8 ms on one thread.
+starts on the rows pass 1 read last: on the Intel Xeon of 2026-11-27 (2 MB of L2 per core) a
+32-lane direction took 5.4-5.8 ms instead of 6.5-6.8 ms on one thread.
 
-The kernel is built and cached by :mod:`attacks.native`. It is a ``torch.library`` custom op
-that updates the history in place, so the compiled L-BFGS round calls it like any other
-operator without copying the history. Where it cannot be built or does not apply (CUDA, other
-dtypes), :func:`attacks.lbfgs._direction` computes the same in tensor operations, rounded in
-another order.
+The rest of the round (tests, step sizes, moves: a few passes over D floats per lane) had been
+a ``torch.compile``-d tensor function around the direction; as C it costs a few percent of the
+round instead of 0.5 ms per round of guards, wrappers and kernel launches (``bench perf``, 2
+workers of 12 lanes, Intel Xeon: 0.412-0.422 against 0.429-0.468 ms per lane-closure per worker).
+
+The kernels are built and cached by :mod:`attacks.native`. Where they cannot be built or do
+not apply (CUDA, other dtypes), :class:`attacks.lbfgs.BatchedLBFGS` runs the tensor round
+(compiled or eager), which rounds in another order.
 """
 
 from __future__ import annotations
@@ -36,40 +38,66 @@ from attacks.native import Kernels, ptr
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    lib.kernel_work.restype = ctypes.c_int64
+    lib.kernel_work.argtypes = [ctypes.c_int64] * 2
     lib.history_direction.restype = None
-    lib.history_direction_work.restype = ctypes.c_int64
-    lib.history_direction_work.argtypes = [ctypes.c_int64]
     lib.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 14 + [ctypes.c_int]
+    lib.lbfgs_round.restype = None
+    lib.lbfgs_round.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 29 + [ctypes.c_int]
 
 
-KERNELS = Kernels(Path(__file__).with_name("lbfgs_kernels.c"), "L-BFGS history kernel", _declare)
+KERNELS = Kernels(Path(__file__).with_name("lbfgs_kernels.c"), "L-BFGS kernel", _declare)
 prepare, available = KERNELS.prepare, KERNELS.available
+_WORK: dict[tuple, Tensor] = {}
+_LIMITS: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-if hasattr(torch.library, "custom_op"):
-
-    @torch.library.custom_op("dlg_bench::history_direction", mutates_args=("buf", "R", "YY", "start", "length"))
-    def _direction_op(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor,
-                      y: Tensor, dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
-        state = (buf, R, YY, start, length)
-        assert all(t.is_contiguous() for t in state)  # updated in place
-        assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
-        assert push.dtype == need.dtype == torch.bool  # read as bytes
-        g, s, y, dots_new, push, need, h_diag = (t.contiguous() for t in (g, s, y, dots_new, push, need, h_diag))
-        n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
-        lib = KERNELS.libs[buf.dtype]
-        out, work = buf.new_empty(n, D), buf.new_empty(n, lib.history_direction_work(H))
-        lib.history_direction(n, H, D, *map(ptr, (*state, g, s, y, dots_new, push, need, h_diag, out, work)),
-                              torch.get_num_threads())
-        return out
-
-    @_direction_op.register_fake
-    def _(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
-          dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
-        return buf.new_empty(buf.shape[0], buf.shape[2])
+def _work(like: Tensor, H: int, D: int) -> Tensor:
+    """Per-thread scratch, reused across rounds (a fresh one per round would be allocated and faulted in)."""
+    threads = torch.get_num_threads()
+    key = (threads, H, D, like.dtype)
+    if key not in _WORK:
+        _WORK[key] = like.new_empty(threads, KERNELS.libs[like.dtype].kernel_work(H, D))
+    return _WORK[key]
 
 
 def direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
               dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
-    """The C kernel behind :func:`attacks.lbfgs._direction` (same arguments, same in-place updates)."""
-    return torch.ops.dlg_bench.history_direction(buf, R, YY, start, length, g, s, y, dots_new, push, need, h_diag)
+    """The direction alone, as :func:`round_` computes it (same arguments and in-place updates as
+    :func:`attacks.lbfgs._direction`); the tests check it against torch.optim.LBFGS's two-loop recursion."""
+    state = (buf, R, YY, start, length)
+    assert all(t.is_contiguous() for t in state)  # updated in place
+    assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
+    assert push.dtype == need.dtype == torch.bool  # read as bytes
+    n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
+    out = buf.new_empty(n, D)
+    inputs = (t.contiguous() for t in (g, s, y, dots_new, push, need, h_diag))
+    KERNELS.libs[buf.dtype].history_direction(n, H, D, *map(ptr, (*state, *inputs, out, _work(buf, H, D))),
+                                              torch.get_num_threads())
+    return out
+
+
+def round_(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, status: Tensor, it: Tensor,
+           n_iter: Tensor, evals: Tensor, steps: Tensor, closures: Tensor, loss: Tensor, g: Tensor, prev_g: Tensor,
+           prev_loss: Tensor, d: Tensor, t: Tensor, h_diag: Tensor, final_loss: Tensor, buf: Tensor, R: Tensor,
+           YY: Tensor, hstart: Tensor, hlen: Tensor, limits: tuple) -> tuple[Tensor, ...]:
+    """:func:`attacks.lbfgs._round` as one C call: the lanes' state is updated in place and returned
+    in ``_round``'s order, with the trace column and step-start flag of every lane."""
+    state = (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag,
+             final_loss, buf, R, YY, hstart, hlen)
+    assert all(v.is_contiguous() for v in state) and run.dtype == torch.bool  # updated in place; bytes
+    assert all(v.dtype == torch.long for v in (status, it, n_iter, evals, steps, closures, hstart, hlen))
+    assert all(v.dtype == x.dtype for v in (f_new, g_new, *state[:2], *state[8:19]))  # read as one C type
+    n, H, D = x.shape[0], R.shape[1], x.shape[1]
+    col, start = status.new_empty(n), run.new_empty(n)
+    if limits not in _LIMITS:
+        max_steps, lr, max_iter, eval_budget, tolerance_grad, tolerance_change = limits
+        _LIMITS[limits] = (torch.tensor([max_steps, max_iter, eval_budget], dtype=torch.long),
+                           torch.tensor([lr, tolerance_grad, tolerance_change], dtype=torch.float64))
+    ilim, flim = _LIMITS[limits]
+    KERNELS.libs[x.dtype].lbfgs_round(
+        n, H, D, *map(ptr, (run.contiguous(), f_new.contiguous(), g_new.contiguous(), x, x_ok, status, it, n_iter,
+                            evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss, buf, R, YY,
+                            hstart, hlen, col, start, ilim, flim, _work(x, H, D))), torch.get_num_threads())
+    return (x, x_ok, status, it, n_iter, evals, steps, closures, loss, g, prev_g, prev_loss, d, t, h_diag, final_loss,
+            col, start)

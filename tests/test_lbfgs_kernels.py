@@ -1,4 +1,5 @@
-"""The L-BFGS direction, as the C kernel and as tensor operations, is torch.optim.LBFGS's two-loop recursion."""
+"""The L-BFGS direction, as the C kernel and as tensor operations, is torch.optim.LBFGS's two-loop recursion;
+without the kernels the engine runs the tensor round."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from attacks import lbfgs_kernels, native
-from attacks.lbfgs import _direction, _History
+from attacks import lbfgs, lbfgs_kernels, native
+from attacks.lbfgs import BatchedLBFGS, LBFGSSettings, _direction, _History
 
 
 def _two_loop(stps: list, dirs: list, h_diag: float, g: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _rounds(n: int, H: int, D: int, rounds: int, dtype: torch.dtype, seed: int =
 
 @pytest.fixture
 def kernels(request):
-    """The kernel must build wherever a C compiler is present (as on CI): a failed build is a failure here."""
+    """The kernels must build wherever a C compiler is present (as on CI): a failed build is a failure here."""
     dtype = request.param
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler: the tensor form serves (tested below)")
@@ -75,15 +76,10 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
             for hist in (c_hist, t_hist):
                 hist.clear(torch.tensor([1]))
             pairs[1] = ([], [])
-        d_c = _direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new, push, need,
+        d_c = lbfgs_kernels.direction(c_hist.buf, c_hist.R, c_hist.YY, c_hist.start, c_hist.len, g, s, y, dots_new,
+                                      push, need, h_diag)
+        d_t = _direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new, push, need,
                          h_diag)
-        with torch.no_grad():
-            saved, lbfgs_kernels.KERNELS.libs[dtype] = lbfgs_kernels.KERNELS.libs[dtype], None
-            try:
-                d_t = _direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new, push,
-                                 need, h_diag)
-            finally:
-                lbfgs_kernels.KERNELS.libs[dtype] = saved
         for lane in range(n):
             stps, dirs = pairs[lane]
             if push[lane]:
@@ -109,7 +105,7 @@ def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
     n, H, D = 6, 100, 3082
     hist = _History(n, H, D, kernels, torch.device("cpu"))
     for _, g, s, y, dots_new, push, need, h_diag in _rounds(n, H, D, 3, kernels):
-        _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
+        lbfgs_kernels.direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
     state = (hist.buf, hist.R, hist.YY, hist.start, hist.len)
     before = torch.get_num_threads()
     try:
@@ -117,27 +113,46 @@ def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             copy = [t.clone() for t in state]
-            out[threads] = _direction(*copy, g, s, y, dots_new, push, need, h_diag), copy
+            out[threads] = lbfgs_kernels.direction(*copy, g, s, y, dots_new, push, need, h_diag), copy
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[1][0], out[2][0]) and all(torch.equal(a, b) for a, b in zip(out[1][1], out[2][1]))
     alone = [t[3:4].clone() for t in state]
-    d = _direction(*alone, g[3:4], s[3:4], y[3:4], dots_new[3:4], push[3:4], need[3:4], h_diag[3:4])
+    d = lbfgs_kernels.direction(*alone, g[3:4], s[3:4], y[3:4], dots_new[3:4], push[3:4], need[3:4], h_diag[3:4])
     assert torch.equal(d[0], out[1][0][3]) and all(torch.equal(a[0], b[3]) for a, b in zip(alone, out[1][1]))
 
 
-def test_without_kernels_the_tensor_form_serves(monkeypatch, tmp_path):
-    """A failed build warns once and falls back to the tensor form; DLG_BENCH_KERNELS=0 turns the kernel off."""
+def _quadratic(x: torch.Tensor, lanes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batched closure: lane k minimises sum_i (k + 1) i x_i^2 / 2 + x_0 (curvatures differ by lane)."""
+    scale = (lanes[:, None] + 1) * torch.arange(1, x.shape[1] + 1, dtype=x.dtype)
+    return 0.5 * (scale * x * x).sum(1) + x[:, 0], scale * x + torch.nn.functional.one_hot(
+        torch.zeros(x.shape[0], dtype=torch.long), x.shape[1]).to(x.dtype)
+
+
+def test_without_kernels_the_tensor_round_serves(monkeypatch, tmp_path):
+    """With the kernels the engine never runs the tensor round; a failed build warns once and the tensor
+    round serves, with the same iterates; DLG_BENCH_KERNELS=0 turns the kernels off."""
+    calls = []
+    tensor_round = lbfgs._round
+    monkeypatch.setattr(lbfgs, "_round", lambda *a: calls.append(1) or tensor_round(*a))
+    x0 = torch.randn(3, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    settings = LBFGSSettings(steps=4, max_iter=5, history_size=3)
+    with_kernels = None
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert lbfgs_kernels.prepare(torch.float64)
+        with_kernels = BatchedLBFGS(settings, compile=False).run(_quadratic, x0)
+        assert calls == []
     monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {})
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(native, "cache_dir", lambda: tmp_path)
-    with pytest.warns(UserWarning, match="L-BFGS history kernel unavailable"):
+    with pytest.warns(UserWarning, match="L-BFGS kernel unavailable"):
         assert not lbfgs_kernels.prepare(torch.float64)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-    hist = _History(3, 3, 37, torch.float64, torch.device("cpu"))
-    for _, g, s, y, dots_new, push, need, h_diag in _rounds(3, 3, 37, 5, torch.float64):
-        d = _direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
-    assert torch.isfinite(d).all() and int(hist.len[0]) == 3  # the tensor form ran (and is checked above)
+    without = BatchedLBFGS(settings, compile=False).run(_quadratic, x0)
+    assert calls and (without.final_loss < _quadratic(x0, torch.arange(3))[0]).all()  # it ran and descended
+    if with_kernels is not None:
+        assert with_kernels.status == without.status and torch.equal(with_kernels.closures, without.closures)
+        torch.testing.assert_close(with_kernels.x, without.x, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {})
     monkeypatch.setenv("DLG_BENCH_KERNELS", "0")
     assert not lbfgs_kernels.prepare(torch.float32)

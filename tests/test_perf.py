@@ -173,17 +173,15 @@ def test_snapshot_at_step_k_is_the_iterate_after_k_steps(slots):
         torch.testing.assert_close(long.snapshots[k], short.x, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["C-kernel", "tensor-form"])
 @pytest.mark.parametrize("slots", [None, 2])
-def test_compiled_round_follows_eager(slots, kernel, monkeypatch):
-    """The compiled round (bookkeeping, the direction with its in-place history update) gives the
-    eager round's iterates, float64, also when lanes queue for slots and take over histories; with
-    the CPU's C kernel and with the tensor form that CUDA compiles."""
+def test_compiled_round_follows_eager(slots, monkeypatch):
+    """The compiled tensor round (bookkeeping, the direction with its in-place history update; what
+    CUDA runs) gives the eager round's iterates, float64, also when lanes queue for slots and take
+    over histories."""
     traced = []
-    if not kernel:
-        monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
-        algebra = lbfgs._algebra
-        monkeypatch.setattr(lbfgs, "_algebra", lambda *a: traced.append(1) or algebra(*a))
+    monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
+    algebra = lbfgs._algebra
+    monkeypatch.setattr(lbfgs, "_algebra", lambda *a: traced.append(1) or algebra(*a))
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=6, max_iter=5, history_size=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -191,16 +189,38 @@ def test_compiled_round_follows_eager(slots, kernel, monkeypatch):
         compiled = BatchedLBFGS(s, compile=True).run(batched_closure(f), x0, slots=slots)
     if any("torch.compile" in str(w.message) for w in caught):
         pytest.skip("torch.compile is unavailable here")
-    assert bool(traced) != kernel  # the intended form was compiled
+    assert traced  # the tensor round was compiled
     eager = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
     assert compiled.status == eager.status and torch.equal(compiled.closures, eager.closures)
     torch.testing.assert_close(compiled.x, eager.x, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(compiled.loss_trace, eager.loss_trace, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
-def test_diverging_lane_is_frozen_and_isolated():
+@pytest.mark.parametrize("slots", [None, 2])
+def test_c_round_follows_the_tensor_round(slots, monkeypatch):
+    """The CPU's C round (one call per round) gives the tensor round's statuses, closure counts,
+    iterates and traces, float64, also when lanes queue for slots and take over histories."""
+    if not lbfgs_kernels.prepare(F64):
+        pytest.skip("the C kernel cannot be built here (no C compiler)")
+    f, x0 = smooth_lanes()
+    s = LBFGSSettings(steps=8, max_iter=5, history_size=3)
+    c_round = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
+    monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
+    tensor = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0, slots=slots)
+    assert c_round.status == tensor.status and c_round.rounds == tensor.rounds
+    for field in ("closures", "steps"):
+        assert torch.equal(getattr(c_round, field), getattr(tensor, field)), field
+    torch.testing.assert_close(c_round.x, tensor.x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(c_round.loss_trace, tensor.loss_trace, rtol=1e-9, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(c_round.final_loss, tensor.final_loss, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["C-round", "compiled-tensor-round"])
+def test_diverging_lane_is_frozen_and_isolated(kernels, monkeypatch):
     """A lane whose objective turns NaN is marked diverged at its last finite iterate; every
-    other lane is bit for bit what it is when that lane behaves (the compiled update included)."""
+    other lane is bit for bit what it is when that lane behaves (C round and compiled tensor round)."""
+    if not kernels:
+        monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=12, max_iter=3, history_size=4)
     opt = BatchedLBFGS(s, compile=True)
@@ -378,7 +398,7 @@ def test_matvec_pass_calls_the_library_exactly(shapes, rewritten):
         torch.testing.assert_close(gm(a, b), torch.bmm(a, b), rtol=1e-6, atol=1e-6)
 
 
-def test_compile_failure_falls_back_to_eager(no_compiler):
+def test_compile_failure_falls_back_to_eager(no_compiler, monkeypatch):
     """When compiled code raises, objective and L-BFGS update warn once and run eagerly, with eager results;
     every eager call is counted by reason (the runner records those with the results)."""
     batch = dlg_batch(2)
@@ -397,6 +417,7 @@ def test_compile_failure_falls_back_to_eager(no_compiler):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     f, x0 = smooth_lanes()
     s = LBFGSSettings(steps=3, max_iter=3, history_size=2)
+    monkeypatch.setattr(lbfgs_kernels.KERNELS, "libs", {F64: None})  # the tensor round is what compiles
     with pytest.warns(UserWarning, match="L-BFGS update failed"):
         compiled = BatchedLBFGS(s, compile=True).run(batched_closure(f), x0)
     eager = BatchedLBFGS(s, compile=False).run(batched_closure(f), x0)
