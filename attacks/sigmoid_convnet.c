@@ -19,6 +19,23 @@ static int thread_id(void) { return 0; }
 #ifndef REAL
 #define REAL float
 #endif
+
+/* Denormal numbers (below 1.2e-38 in float32) cost a microcode assist per operation on x86, and a
+ * saturated sigmoid makes many (s = 1 / (1 + e^-z) for z < -87, and s (1 - s), and their products):
+ * early DLG iterates made the kernel 20 % slower. Each lane runs with them flushed to zero (FTZ,
+ * DAZ), which changes no sum of normal-sized terms; the caller's setting is restored. */
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+static unsigned flush_denormals(void) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
+  return csr;
+}
+static void restore_denormals(unsigned csr) { _mm_setcsr(csr); }
+#else
+static unsigned flush_denormals(void) { return 0; }
+static void restore_denormals(unsigned csr) { (void)csr; }
+#endif
 #define VEC (64 / (int)sizeof(REAL)) /* elements per AVX-512 register */
 
 #define CAT_(a, b) a##b
@@ -570,6 +587,8 @@ void sigmoid_convnet(int64_t n, int64_t layers, const int64_t *spec, int64_t bat
   for (int64_t i = 0; i < n; i++) {
     const REAL *W[2 * MAX_LAYERS + 2], *T[2 * MAX_LAYERS + 2];
     for (int64_t k = 0; k < 2 * layers + 2; k++) W[k] = params[k] + i * sizes[k], T[k] = targets[k] + i * sizes[k];
+    const unsigned csr = flush_denormals(); /* per lane: each OpenMP thread has its own control register */
     lane(&N, z + i * Dz, soft, fixed + i * batch * classes, W, T, grad + i * Dz, value + i, work + thread_id() * ws);
+    restore_denormals(csr);
   }
 }

@@ -18,7 +18,10 @@ Why: ``vmap`` over grad of grad runs each lane's 19 small convolutions as oneDNN
 convolutions plus inductor's elementwise kernels; the kernel does the same arithmetic in one pass
 per lane, with the lane's data in cache. It matches autograd to float rounding (tests: float64
 to 1e-12; float32 within 4x of float32 autograd's own error), and its results do not depend on the
-lane count or thread count.
+lane count or thread count. Each lane runs with denormal numbers flushed to zero (x86's FTZ and DAZ,
+the caller's mode restored): saturated sigmoids of early DLG iterates (pixels far outside [0, 1])
+make values below 1.2e-38, each of which cost a microcode assist, 20 % of the kernel's time in
+``bench perf``; flushed, the results stay within float32 rounding of autograd's (tested).
 Where it does not apply (another model, CUDA, a dtype other than float32/float64, no C
 compiler, ``DLG_BENCH_KERNELS=0``) the attack uses the ``vmap`` objective.
 """

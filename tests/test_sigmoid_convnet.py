@@ -171,3 +171,28 @@ def test_attack_uses_the_kernel_where_it_builds(monkeypatch):
     monkeypatch.setattr(dlg, "_OBJECTIVES", {})
     monkeypatch.setattr(sigmoid_convnet.KERNELS, "libs", {torch.float32: None})
     assert attack._objective(batch)[0].__module__ != "attacks.sigmoid_convnet"
+
+
+@pytest.mark.parametrize("scale", [30.0, 300.0])
+def test_saturated_sigmoids_flush_denormals_within_rounding_and_restore_the_callers_mode(scale):
+    """Pixels far outside [0, 1] (as early DLG iterates have) saturate the sigmoids, whose outputs and
+    derivatives then fall below float32's normal range; the kernel flushes those to zero (they cost a
+    microcode assist each), which stays within float32 rounding of autograd, and leaves the caller's
+    denormal mode as it was."""
+    batch = _batch("lenet-dlg", 3, 1, 10, dtype=torch.float32)
+    attack = ATTACKS.get("dlg").make(steps=1, engine="eager")
+    params, targets, probs = attack._stack(batch, attack._fixed_labels(batch))
+    z = scale * torch.randn(attack.initial_point(batch).shape, generator=torch.Generator().manual_seed(7))
+    kernel = sigmoid_convnet.objective(batch.model, batch.image_shape, 1, 10, True, torch.float32, batch.device)
+    g, f = kernel(z, params, targets, probs)
+    assert torch.tensor([1e-39]).mul(1.0).item() != 0  # the caller still computes with denormals
+    reference = attack._lane_objective(batch)
+    g_ref, f_ref = reference(z.double(), {k: v.double() for k, v in params.items()},
+                             {k: v.double() for k, v in targets.items()}, probs.double())
+    g32, f32 = reference(z, params, targets, probs)
+
+    def error(a, b):
+        return (a.double() - b).norm(dim=-1) / b.norm(dim=-1)
+
+    assert (error(f[:, None], f_ref[:, None]) <= 4 * error(f32[:, None], f_ref[:, None]) + 1e-6).all()
+    assert (error(g, g_ref) <= 4 * error(g32, g_ref) + 1e-5).all()
