@@ -1,9 +1,11 @@
-/* One L-BFGS direction per lane from its history (see lbfgs_kernels.py and lbfgs.py's _direction).
+/* A lane-batched L-BFGS round on the CPU: lbfgs_round (lbfgs.py's _round, lane by lane) and the
+ * direction alone, history_direction (lbfgs.py's _direction); see lbfgs_kernels.py.
  *
  * Built twice by lbfgs_kernels.py, with REAL = float and REAL = double. Lanes are independent
  * (split over OpenMP threads): a lane's result never depends on the others or on the thread count.
  */
 #include <math.h>
+#include <tgmath.h> /* fabs of a float is a float: the break tests round as torch's float32 ones */
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
