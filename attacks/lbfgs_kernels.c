@@ -259,17 +259,15 @@ static REAL abssum(const REAL *v, int64_t n) {
 
 /* One lane's round after its evaluation (f_new, g_new) arrived: attacks.lbfgs._arrive, the
  * direction and attacks.lbfgs._move, in the same order and with the same tests (the tensor form
- * documents each against torch.optim.LBFGS.step). Writes the trace column col and whether this
- * evaluation started a step (its loss is what step() returns). */
+ * documents each against torch.optim.LBFGS.step). Sets start[l] where this evaluation started a
+ * step (its loss is what step() returns). */
 static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *g_new, REAL *x, REAL *x_ok,
                        Counters c, REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t,
                        REAL *h_diag, REAL *final_loss, REAL *B, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen,
-                       int64_t *col, uint8_t *start, const int64_t *ilim, const double *flim, Scratch w) {
+                       uint8_t *start, const int64_t *ilim, const double *flim, Scratch w) {
   const int64_t max_steps = ilim[0], max_iter = ilim[1], eval_budget = ilim[2];
   const REAL lr = (REAL)flim[0], tolerance_grad = (REAL)flim[1], tolerance_change = (REAL)flim[2];
   c.closures[l] += 1;
-  col[l] = c.steps[l] < max_steps - 1 ? c.steps[l] : max_steps - 1;
-  start[l] = 0;
   int ok = isfinite(f_new);
   for (int64_t e = 0; e < D && ok; e++) ok = isfinite(g_new[e]);
   if (!ok) { /* frozen at its last finite iterate; nothing of it is stored */
@@ -351,14 +349,12 @@ void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL
   const Counters c = {status, it, n_iter, evals, steps, closures};
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t l = 0; l < n; l++) {
-    if (!run[l]) {
-      col[l] = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1;
-      start[l] = 0;
-      continue;
-    }
+    col[l] = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1; /* before this round's steps count */
+    start[l] = 0;
+    if (!run[l]) continue;
     const int64_t o = l * D;
     lane_round(l, H, D, f_new[l], g_new + o, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t,
-               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, col, start,
+               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, start,
                ilim, flim, scratch(work, thread_id(), H, D));
   }
 }
