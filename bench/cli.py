@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,24 +15,13 @@ def _default_out(preset: str) -> Path:
     return Path("results") / Path(preset).stem
 
 
-def _workers(value: str, device: str) -> int:
-    """``auto``: one single-threaded process per CPU core (on 2 cores measured 1.2x the attack
-    throughput of one process with 2 threads: the per-round L-BFGS bookkeeping is serial); one on CUDA."""
-    if value == "auto":
-        return 1 if device == "cuda" else max(1, os.cpu_count() or 1)
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"--workers: expected a positive integer or 'auto', got {value!r}") from None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from bench.accuracy import JOB_ONLY_KEYS, accuracy_jobs, pending_jobs, resolve_training_datasets, run_accuracy
     from bench.config import load_preset, parse_only, select
     from bench.data import resolve_data_root
-    from bench.runner import execute, resolve_datasets
+    from bench.runner import execute, resolve_datasets, resolve_lanes, resolve_workers
 
     preset = load_preset(args.preset)
     only = parse_only(args.only)
@@ -42,9 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    workers = _workers(args.workers, device)
-    if workers < 1 or args.lanes < 1:
-        raise UserError("--workers and --lanes must be >= 1")
+    workers, lanes = resolve_workers(args.workers, device), resolve_lanes(args.lanes, device)
     root = resolve_data_root(args.data_root)
     wanted = [d for d in preset.datasets if "dataset" not in only or d in only["dataset"]]
     if not wanted:
@@ -59,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cells:
         raise UserError("--only selects no cell of this preset; see `python -m bench list presets`")
     out = Path(args.out) if args.out else _default_out(args.preset)
-    summary = execute(preset, cells, out=out, data_root=root, workers=workers, lanes=args.lanes,
+    summary = execute(preset, cells, out=out, data_root=root, workers=workers, lanes=lanes,
                       device=device, engine=args.engine, notices=notices, datasets=datasets,
                       snapshot_steps=preset.snapshot_steps, quiet=args.quiet)
     for n in summary["notices"]:
@@ -150,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results folder (default: results/<preset>)")
     r.add_argument("--workers", default="auto",
                    help="worker processes (default auto: one per CPU core, one on CUDA)")
-    r.add_argument("--lanes", type=int, default=32,
-                   help="attacks computed together in a worker (default 32; on the CPU fewer where their weights "
-                        "and targets exceed 48 MB, e.g. 12 for LFW); a work unit queues up to 4x as many")
+    r.add_argument("--lanes", default="auto",
+                   help="attacks computed together in a worker (default auto: 12 on the CPU, 256 on CUDA; on the "
+                        "CPU fewer where their weights and targets exceed 48 MB); a work unit queues up to 4x as many")
     r.add_argument("--only", action="append", metavar="KEY=V1,V2",
                    help="run only matching cells; repeatable, e.g. --only defense=none --only dataset=mnist,lfw")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -171,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("perf", help="serial reference vs batched engine on the same real images")
     pf.add_argument("--data-root")
     pf.add_argument("--dataset", default="cifar10")
-    pf.add_argument("--attacks", type=int, default=64, help="attacks in the batched run")
-    pf.add_argument("--lanes", type=int, default=32,
-                    help="attacks the batched engine computes together; the others queue for a slot (default 32)")
-    pf.add_argument("--workers", type=int, default=1,
-                    help="worker processes for the batched engine, as in bench run (default 1: this process)")
+    pf.add_argument("--attacks", type=int, default=128, help="attacks in the batched run (default 128)")
+    pf.add_argument("--lanes", default="auto",
+                    help="attacks a worker computes together, the others queue for a slot (default auto, as bench "
+                         "run: 12 on the CPU, 256 on CUDA)")
+    pf.add_argument("--workers", default="auto",
+                    help="worker processes for the batched engine, as in bench run (default auto: one per CPU "
+                         "core, at most one per attack; one on CUDA)")
     pf.add_argument("--serial-attacks", type=int, default=4, help="attacks timed one at a time")
     pf.add_argument("--steps", type=int, default=300)
     pf.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both engines run")

@@ -17,11 +17,12 @@ on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). Wher
 line is ``speedup: N.Nx``, attacks per minute batched (compilation included) over
 serial.
 
-``--workers N`` (default 1: everything in this one process) runs the batched engine as
-``bench run`` does: N worker processes with cores / N threads each, the attacks dealt to
-them in turn, each with ``--lanes`` slots; they start their warm-up together and their
-timed run together, and the batched figures are the machine's (wall time of the slowest
-worker, closures and rounds of all).
+``--workers`` and ``--lanes`` default to ``auto``, as in ``bench run`` (on the CPU one
+single-threaded worker process per core with 12 slots each; on CUDA this one process with
+256): N worker processes with cores / N threads each, the attacks dealt to them in turn,
+each with ``--lanes`` slots; they start their warm-up together and their timed run
+together, and the batched figures are the machine's (wall time of the slowest worker,
+closures and rounds of all). ``--workers 1`` runs the batched engine in this process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from bench.data import load_images, resolve_data_root
 from bench.errors import UserError
 from bench.metrics import mse
 from bench.models import build_model
-from bench.runner import derive_seed
+from bench.runner import derive_seed, resolve_lanes, resolve_workers
 from defenses import make_defense
 
 MODEL = "lenet-dlg"
@@ -177,8 +178,11 @@ def run_perf(args: argparse.Namespace) -> int:
     attacks = _positive_int("attacks", args.attacks)
     serial_n = _positive_int("serial-attacks", args.serial_attacks)
     steps = _positive_int("steps", args.steps)
-    lanes = _positive_int("lanes", getattr(args, "lanes", 32))
-    workers = _positive_int("workers", getattr(args, "workers", 1))
+    device = getattr(args, "device", "cpu")
+    lanes = resolve_lanes(getattr(args, "lanes", "auto"), device, flag="perf: --lanes")
+    workers = getattr(args, "workers", "auto")
+    workers = (min(resolve_workers(workers, device), attacks) if workers == "auto"
+               else resolve_workers(workers, device, flag="perf: --workers"))
     if workers > attacks:
         raise UserError(f"perf: --workers ({workers}) must not exceed --attacks ({attacks}): each worker needs "
                         "attacks of its own")
@@ -188,7 +192,6 @@ def run_perf(args: argparse.Namespace) -> int:
     out = Path(args.json) if getattr(args, "json", None) else None
     if out is not None and not out.parent.is_dir():
         raise UserError(f"perf: --json {out}: folder {out.parent} does not exist; create it or pick another path")
-    device = getattr(args, "device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("perf: --device cuda: no CUDA device is available; use --device cpu")
     root = resolve_data_root(args.data_root)

@@ -37,6 +37,7 @@ from attacks.compiling import eager_calls, eager_since
 from attacks.dlg import victim_gradient
 from bench.config import Cell, Preset
 from bench.data import available, class_count, load_images
+from bench.errors import UserError
 from bench.metrics import score_images
 from bench.models import build_model
 from bench.store import Store, atomic_write_json
@@ -78,11 +79,44 @@ class Unit:
 
 
 QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
+# ``--lanes auto``. On the CPU, attacks a single-threaded worker computes together: two such workers
+# on the 2-core Intel Xeon (``bench perf --workers 2``, 96 attacks, 2026-11-28) ran CIFAR-10 at
+# 0.195, 0.202, 0.226 and 0.236 ms per lane-closure with 12, 8, 20 and 32 lanes, and MNIST at 0.194,
+# 0.190, 0.215 and 0.236; one worker's share spent 34 s in the L-BFGS rounds at 12 lanes and 42 s at
+# 32 (the same closures): each lane's history (2.5 MB) is read twice a round, and more lanes read it
+# from further away. On CUDA one process computes many more: ``bench perf --device cuda`` measured
+# 0.05-0.07 ms per lane-closure at 256 lanes (NVIDIA H200).
+AUTO_LANES = {"cpu": 12, "cuda": 256}
 # On the CPU, a worker's lanes computed together hold at most this many bytes of weights and target
 # gradients. Only LFW's 641-class last layer reaches it (4 MB per lane: 12 slots, not 32), and there
 # 8-16 slots ran 12-23 % faster per lane-closure than 32 (two single-thread workers, Intel Xeon,
 # 2026-11-27); CIFAR-100 (0.7 MB per lane) ran as fast with 16 as with 32, and keeps 32.
 SLOT_BYTES = 48 << 20
+
+
+def resolve_workers(value: object, device: str, *, flag: str = "--workers") -> int:
+    """``auto``: one single-threaded process per CPU core (on 2 cores measured 1.2x the attack
+    throughput of one process with 2 threads: the per-round L-BFGS bookkeeping is serial); one on CUDA."""
+    if value == "auto":
+        return 1 if device == "cuda" else max(1, os.cpu_count() or 1)
+    return _positive(flag, value)
+
+
+def resolve_lanes(value: object, device: str, *, flag: str = "--lanes") -> int:
+    """``auto``: :data:`AUTO_LANES` for the device; else a positive integer."""
+    if value == "auto":
+        return AUTO_LANES["cuda" if device == "cuda" else "cpu"]
+    return _positive(flag, value)
+
+
+def _positive(flag: str, value: object) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
+        raise UserError(f"{flag}: expected a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def fit_slots(slots: int, lane: Lane) -> int:
@@ -152,8 +186,6 @@ def resolve_datasets(preset: Preset, wanted: list[str], root: Path, download: bo
 
 
 def _try_download(name: str, root: Path) -> bool:
-    from bench.errors import UserError
-
     try:
         load_images(name, count=1, root=root, download=True)
         return True

@@ -546,7 +546,7 @@ def test_perf_prints_and_writes_its_figures(data_root, tmp_path, capsys, monkeyp
     monkeypatch.setattr(dlg, "_OBJECTIVES", {})  # no eager objective left behind under the compiled key
     out = tmp_path / "perf.json"
     assert main(["perf", "--data-root", str(data_root), "--attacks", "3", "--serial-attacks", "2", "--steps", "2",
-                 "--lanes", "2", "--json", str(out)]) == 0
+                 "--lanes", "2", "--workers", "1", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     fig = json.loads(out.read_text())
     assert lines[-1] == f"speedup: {fig['speedup']:.1f}x"
@@ -598,6 +598,8 @@ def test_perf_worker_failure_is_one_line(data_root):
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--attacks", "2", "--serial-attacks", "1", "--workers", "3"], "--workers (3) must not exceed --attacks (2)"),
     (["--json", "/nonexistent/dir/perf.json"], "folder /nonexistent/dir does not exist"),
+    (["--lanes", "many"], "perf: --lanes: expected a positive integer or 'auto', got 'many'"),
+    (["--workers", "0"], "perf: --workers: expected a positive integer or 'auto', got '0'"),
 ])
 def test_perf_bad_input_is_one_line_exit_2(args, message, capsys):
     from bench.cli import main

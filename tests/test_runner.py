@@ -113,7 +113,9 @@ def test_bad_preset_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, patc
     (["run", "--preset", TINY, "--only", "dataset=mnist"], "not in preset"),
     (["run", "--preset", TINY, "--only", "defense=laplacian"], "selects no cell"),
     (["run", "--preset", TINY, "--workers", "many"], "--workers: expected a positive integer or 'auto'"),
-    (["run", "--preset", TINY, "--workers", "0"], "--workers and --lanes must be >= 1"),
+    (["run", "--preset", TINY, "--workers", "0"], "--workers: expected a positive integer or 'auto', got '0'"),
+    (["run", "--preset", TINY, "--lanes", "1.5"], "--lanes: expected a positive integer or 'auto', got '1.5'"),
+    (["run", "--preset", TINY, "--lanes", "-3"], "--lanes: expected a positive integer or 'auto', got '-3'"),
     (["report", "--out", "/nonexistent/x"], "does not exist"),
 ])
 def test_bad_cli_input_is_one_line_exit_2(tmp_path, capsys, args, message):
@@ -335,3 +337,15 @@ def test_slots_shrink_only_where_the_lanes_weights_are_large():
     assert fit_slots(32, lane(10)) == 32 and fit_slots(32, lane(100)) == 32
     assert fit_slots(32, lane(641)) == SLOT_BYTES // (2 * 641 * 769 * 4) == 12
     assert fit_slots(4, lane(641)) == 4 and fit_slots(32, lane(100_000)) == 1
+
+
+def test_auto_workers_and_lanes_follow_the_device(monkeypatch):
+    """``auto``: one worker per CPU core with AUTO_LANES["cpu"] lanes each; one process on CUDA with
+    AUTO_LANES["cuda"]. A number is taken as given."""
+    from bench.runner import AUTO_LANES, resolve_lanes, resolve_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert (resolve_workers("auto", "cpu"), resolve_workers("auto", "cuda"), resolve_workers("3", "cuda")) == (6, 1, 3)
+    assert (resolve_lanes("auto", "cpu"), resolve_lanes("auto", "cuda")) == (AUTO_LANES["cpu"], AUTO_LANES["cuda"])
+    assert resolve_lanes(" 7", "cpu") == resolve_lanes(7, "cuda") == 7
+    assert AUTO_LANES["cpu"] < AUTO_LANES["cuda"]
