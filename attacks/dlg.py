@@ -219,6 +219,9 @@ class DLGAttack:
             g, f = objective(z, held["p"], held["t"], held["f"])
             return f[:k], g[:k]
 
+        if hasattr(objective, "bind"):  # a C objective: the engine may run it lane after lane
+            closure.native = objective.bind(params, targets, fixed)
+
         n_img = batch.batch_size * batch.image_shape[0] * batch.image_shape[1] * batch.image_shape[2]
         state = {"last": 0}
 

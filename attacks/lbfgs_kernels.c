@@ -115,9 +115,9 @@ static int held_runs(int64_t st, int64_t len, int64_t H, int64_t runs[4][2]) {
 /* Per-thread scratch: the direction's, by row (2H) or by chronological position (H), and the
  * round's new pair (s, y: D each). */
 typedef struct {
-  REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c, *s, *y;
+  REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c, *s, *y, *g_new;
 } Scratch;
-#define WORK_PER_THREAD(H, D) (12 * (H) + 2 * (D))
+#define WORK_PER_THREAD(H, D) (12 * (H) + 3 * (D))
 
 /* The scratch each thread needs, so that the caller allocates exactly [threads, this]. */
 int64_t kernel_work(int64_t H, int64_t D) { return WORK_PER_THREAD(H, D); }
@@ -125,7 +125,7 @@ int64_t kernel_work(int64_t H, int64_t D) { return WORK_PER_THREAD(H, D); }
 static Scratch scratch(REAL *work, int thread, int64_t H, int64_t D) {
   REAL *w = work + thread * WORK_PER_THREAD(H, D);
   Scratch t = {w,          w + 2 * H,  w + 4 * H,  w + 6 * H,  w + 7 * H,         w + 8 * H,
-               w + 9 * H,  w + 10 * H, w + 11 * H, w + 12 * H, w + 12 * H + D};
+               w + 9 * H,  w + 10 * H, w + 11 * H, w + 12 * H, w + 12 * H + D, w + 12 * H + 2 * D};
   return t;
 }
 
@@ -259,8 +259,8 @@ static REAL abssum(const REAL *v, int64_t n) {
 
 /* One lane's round after its evaluation (f_new, g_new) arrived: attacks.lbfgs._arrive, the
  * direction and attacks.lbfgs._move, in the same order and with the same tests (the tensor form
- * documents each against torch.optim.LBFGS.step). Sets start[l] where this evaluation started a
- * step (its loss is what step() returns). */
+ * documents each against torch.optim.LBFGS.step). Sets *start where this evaluation started a
+ * step (its loss is what step() returns); leaves it alone otherwise. */
 static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *g_new, REAL *x, REAL *x_ok,
                        Counters c, REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t,
                        REAL *h_diag, REAL *final_loss, REAL *B, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen,
@@ -280,7 +280,7 @@ static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *
   loss[l] = final_loss[l] = f_new;
   const int opt_cond = absmax(g, D) <= tolerance_grad;
   const int at_start = c.it[l] == 0;
-  start[l] = (uint8_t)at_start;
+  *start = (uint8_t)at_start;
   int go;
   if (at_start) {
     c.evals[l] = 1;
@@ -354,7 +354,56 @@ void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL
     if (!run[l]) continue;
     const int64_t o = l * D;
     lane_round(l, H, D, f_new[l], g_new + o, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t,
-               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, start,
+               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, start + l,
                ilim, flim, scratch(work, thread_id(), H, D));
   }
+}
+
+/* One lane's objective at z [D] (lane: the attack's id among all lanes): grad [D], *value; work is
+ * the objective's own scratch. sigmoid_convnet.c's sigmoid_convnet_lane has this type. */
+typedef void (*LaneObjective)(const void *ctx, int64_t lane, const REAL *z, REAL *grad, REAL *value, REAL *work);
+
+/* Up to `rounds` whole rounds of every running lane l, lane after lane: its evaluation at x (the
+ * objective f of attack act[l]), then lane_round; a lane that stops ends its turn. A lane's
+ * iterates are those of as many lbfgs_round calls (the order of lanes never mattered), but its
+ * history, weights and targets stay in this core's cache from one of its rounds to the next: a
+ * round reads the history backwards and then forwards, so the next round starts on the rows just
+ * read. Per round, as BatchedLBFGS.run does between lbfgs_round calls: at a step start the loss
+ * goes to trace[act[l], col] ([count, max_steps]; col is the step count before the round, clamped);
+ * when the lane's step count first reaches snap_steps[j], x goes to snaps[j, act[l]] ([nsnap, count,
+ * D]; snapped [nsnap, count] flags it). obj_work: [threads, obj_ws]; work: [threads, kernel_work(H,
+ * D)]. *most: the most rounds any lane ran. Other arguments as lbfgs_round's. */
+void lbfgs_rounds(int64_t rounds, LaneObjective f, const void *ctx, REAL *obj_work, int64_t obj_ws,
+                  const int64_t *act, int64_t count, int64_t n, int64_t H, int64_t D, REAL *x, REAL *x_ok,
+                  int64_t *status, int64_t *it, int64_t *n_iter, int64_t *evals, int64_t *steps, int64_t *closures,
+                  REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t, REAL *h_diag,
+                  REAL *final_loss, REAL *buf, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen, REAL *trace,
+                  int64_t nsnap, const int64_t *snap_steps, REAL *snaps, uint8_t *snapped, const int64_t *ilim,
+                  const double *flim, REAL *work, int64_t *most, int threads) {
+  (void)threads; /* only OpenMP reads it */
+  const Counters c = {status, it, n_iter, evals, steps, closures};
+  int64_t longest = 0;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1) reduction(max : longest)
+  for (int64_t l = 0; l < n; l++) {
+    const int tid = thread_id();
+    const Scratch w = scratch(work, tid, H, D);
+    const int64_t o = l * D, lane = act[l];
+    int64_t r = 0;
+    for (; r < rounds && status[l] == RUNNING; r++) {
+      REAL value;
+      f(ctx, lane, x + o, w.g_new, &value, obj_work + tid * obj_ws);
+      const int64_t col = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1;
+      uint8_t start = 0;
+      lane_round(l, H, D, value, w.g_new, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t, h_diag,
+                 final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim, flim, w);
+      if (start) trace[lane * ilim[0] + col] = loss[l];
+      for (int64_t j = 0; j < nsnap; j++)
+        if (steps[l] == snap_steps[j] && !snapped[j * count + lane]) {
+          memcpy(snaps + (j * count + lane) * D, x + o, (size_t)D * sizeof(REAL));
+          snapped[j * count + lane] = 1;
+        }
+    }
+    longest = r > longest ? r : longest;
+  }
+  *most = longest;
 }

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,3 +110,16 @@ class Kernels:
 
 def ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
+
+
+@dataclass(frozen=True)
+class LaneObjective:
+    """A C objective one lane at a time, for :func:`attacks.lbfgs_kernels.rounds_`: ``fn(ctx, lane, z,
+    grad, value, work)`` with ``work`` a [work_per_thread] scratch of its own per thread; ``keep``
+    holds the tensors ``ctx`` points into."""
+
+    fn: ctypes.c_void_p
+    ctx: ctypes.Array
+    work_per_thread: int
+    dtype: torch.dtype
+    keep: tuple

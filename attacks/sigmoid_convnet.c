@@ -571,6 +571,41 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   }
 }
 
+/* What a lane's objective needs besides z, by global lane id: each tensor is [lanes, ...], so an
+ * attack's weights and targets are read where they lie, not copied per slot. */
+typedef struct {
+  Net N;
+  int64_t soft, count;
+  int64_t sizes[2 * MAX_LAYERS + 2];
+  const REAL *fixed, *params[2 * MAX_LAYERS + 2], *targets[2 * MAX_LAYERS + 2];
+} Bound;
+
+int64_t sigmoid_convnet_bound_size(void) { return (int64_t)sizeof(Bound); }
+
+/* Fills *out (sigmoid_convnet_bound_size() bytes) for sigmoid_convnet_lane; see sigmoid_convnet for the arguments. */
+void sigmoid_convnet_bind(void *out, int64_t layers, const int64_t *spec, int64_t batch, int64_t classes, int soft,
+                          const REAL *fixed, const REAL *const *params, const REAL *const *targets) {
+  Bound *b = out;
+  b->N = net_of(layers, spec, batch, classes);
+  b->soft = soft, b->count = 2 * layers + 2, b->fixed = fixed;
+  for (int64_t l = 0; l < layers; l++) b->sizes[2 * l] = wsize(&b->N.conv[l]), b->sizes[2 * l + 1] = b->N.conv[l].co;
+  b->sizes[2 * layers] = classes * b->N.features, b->sizes[2 * layers + 1] = classes;
+  for (int64_t k = 0; k < b->count; k++) b->params[k] = params[k], b->targets[k] = targets[k];
+}
+
+/* Lane i's objective at z [Dz]: grad [Dz], *value; work: sigmoid_convnet_work REALs of its own.
+ * Denormals are flushed for the lane (each thread has its own control register) and the caller's
+ * mode restored. lbfgs_kernels.c's lbfgs_rounds calls this through a pointer. */
+void sigmoid_convnet_lane(const void *ctx, int64_t i, const REAL *z, REAL *grad, REAL *value, REAL *work) {
+  const Bound *b = ctx;
+  const REAL *W[2 * MAX_LAYERS + 2], *T[2 * MAX_LAYERS + 2];
+  for (int64_t k = 0; k < b->count; k++)
+    W[k] = b->params[k] + i * b->sizes[k], T[k] = b->targets[k] + i * b->sizes[k];
+  const unsigned csr = flush_denormals();
+  lane(&b->N, z, (int)b->soft, b->fixed + i * b->N.batch * b->N.classes, W, T, grad, value, work);
+  restore_denormals(csr);
+}
+
 /* For every lane l: z [n, Dz] (B images, then B label logit rows when soft), fixed [n, B, C] (the
  * label probabilities when not soft), params/targets: 2 L + 2 pointers (each layer's weight and bias,
  * then the final Linear's), each to [n, ...]; writes grad [n, Dz] and value [n]. */
@@ -578,17 +613,10 @@ void sigmoid_convnet(int64_t n, int64_t layers, const int64_t *spec, int64_t bat
                      const REAL *z, int soft, const REAL *fixed, const REAL *const *params,
                      const REAL *const *targets, REAL *grad, REAL *value, REAL *work, int threads) {
   (void)threads; /* only OpenMP reads it */
-  const Net N = net_of(layers, spec, batch, classes);
-  const int64_t ws = work_size(&N); /* scratch per thread */
-  int64_t sizes[2 * MAX_LAYERS + 2];
-  for (int64_t l = 0; l < layers; l++) sizes[2 * l] = wsize(&N.conv[l]), sizes[2 * l + 1] = N.conv[l].co;
-  sizes[2 * layers] = classes * N.features, sizes[2 * layers + 1] = classes;
+  Bound b;
+  sigmoid_convnet_bind(&b, layers, spec, batch, classes, soft, fixed, params, targets);
+  const int64_t ws = work_size(&b.N); /* scratch per thread */
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; i++) {
-    const REAL *W[2 * MAX_LAYERS + 2], *T[2 * MAX_LAYERS + 2];
-    for (int64_t k = 0; k < 2 * layers + 2; k++) W[k] = params[k] + i * sizes[k], T[k] = targets[k] + i * sizes[k];
-    const unsigned csr = flush_denormals(); /* per lane: each OpenMP thread has its own control register */
-    lane(&N, z + i * Dz, soft, fixed + i * batch * classes, W, T, grad + i * Dz, value + i, work + thread_id() * ws);
-    restore_denormals(csr);
-  }
+  for (int64_t i = 0; i < n; i++)
+    sigmoid_convnet_lane(&b, i, z + i * Dz, grad + i * Dz, value + i, work + thread_id() * ws);
 }

@@ -35,12 +35,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attacks.native import Kernels, ptr
+from attacks.native import Kernels, LaneObjective, ptr
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.sigmoid_convnet_work.restype = ctypes.c_int64
     lib.sigmoid_convnet_work.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.sigmoid_convnet_bound_size.restype = ctypes.c_int64
+    lib.sigmoid_convnet_bound_size.argtypes = []
+    lib.sigmoid_convnet_bind.restype = None
+    lib.sigmoid_convnet_bind.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3)
     lib.sigmoid_convnet.restype = None
     lib.sigmoid_convnet.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3
                                     + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int])
@@ -128,4 +133,17 @@ def objective(model: nn.Module, image_shape: tuple[int, int, int], batch_size: i
                             ptr(grad), ptr(value), ptr(scratch[threads]), threads)
         return grad, value
 
+    def bind(params: dict[str, Tensor], targets: dict[str, Tensor], fixed: Tensor) -> LaneObjective:
+        """The objective of lane i = the i-th row of every tensor, one lane at a time (see
+        :func:`attacks.lbfgs_kernels.rounds_`)."""
+        keep = (spec, fixed.contiguous(), *(params[k].contiguous() for k in names),
+                *(targets[k].contiguous() for k in names))
+        weights, wanted = keep[2:2 + len(names)], keep[2 + len(names):]
+        ctx = (ctypes.c_char * lib.sigmoid_convnet_bound_size())()
+        lib.sigmoid_convnet_bind(ctx, layers, ptr(spec), batch_size, classes, int(soft), ptr(keep[1]),
+                                 (ctypes.c_void_p * len(names))(*(t.data_ptr() for t in weights)),
+                                 (ctypes.c_void_p * len(names))(*(t.data_ptr() for t in wanted)))
+        return LaneObjective(ctypes.cast(lib.sigmoid_convnet_lane, ctypes.c_void_p), ctx, per_thread, dtype, keep)
+
+    call.bind = bind
     return call

@@ -274,6 +274,45 @@ def test_compiled_attack_is_bit_identical_whatever_the_threads_and_the_other_lan
                                        equal_nan=True, msg=f"{name}: {field}")
 
 
+@pytest.mark.parametrize("lane_rounds", [1, 3, 32])
+@pytest.mark.parametrize(("label", "dtype"), [("soft", "float32"), ("soft", "float64"), ("idlg", "float32")])
+def test_lane_after_lane_rounds_equal_the_per_round_loop(lane_rounds, label, dtype, monkeypatch):
+    """With a C objective the engine runs each row ``LANE_ROUNDS`` rounds at a time in one C call
+    (lbfgs_kernels.rounds_); without its ``bind`` it runs one closure and one C round per round for
+    all rows. Both give the same results to the bit: iterates, statuses, closures, steps, loss traces
+    and snapshots, also while 5 lanes queue for 2 slots; with 1-round calls too (a refill after every
+    round)."""
+    import attacks.dlg as dlg
+    import attacks.lbfgs as lbfgs
+    from attacks import sigmoid_convnet
+
+    if not (sigmoid_convnet.KERNELS.prepare(getattr(torch, dtype))
+            and lbfgs_kernels.prepare(getattr(torch, dtype))):
+        pytest.skip("the C kernels cannot be built here (no C compiler)")
+    batch = dataclasses.replace(dlg_batch(5, size=16, dtype=getattr(torch, dtype)), slots=2)
+    name = "idlg" if label == "idlg" else "dlg"
+    attack = ATTACKS.get(name).make(steps=8, max_iter=3, engine="compiled", dtype=dtype)
+    monkeypatch.setattr(lbfgs, "LANE_ROUNDS", lane_rounds)
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})
+    lane_major = attack(batch, snapshot_steps=(0, 2, 5))
+    made = sigmoid_convnet.objective
+
+    def without_bind(*args):
+        fn = made(*args)
+        return None if fn is None else (lambda *a: fn(*a))
+
+    monkeypatch.setattr(sigmoid_convnet, "objective", without_bind)
+    monkeypatch.setattr(dlg, "_OBJECTIVES", {})
+    per_round = attack(batch, snapshot_steps=(0, 2, 5))
+    assert lane_major.status == per_round.status and lane_major.rounds > 0
+    assert torch.equal(lane_major.closures, per_round.closures) and int(lane_major.closures.min()) > 3
+    for field in ("reconstructions", "labels", "loss_trace", "final_loss"):
+        assert torch.equal(getattr(lane_major, field).nan_to_num(-1), getattr(per_round, field).nan_to_num(-1)), field
+    for k in (0, 2, 5):
+        assert torch.equal(lane_major.snapshots[k], per_round.snapshots[k]), k
+    assert not torch.equal(lane_major.snapshots[2], lane_major.snapshots[5])
+
+
 # ----------------------------------------------------------------------------- compiled vs eager
 
 
