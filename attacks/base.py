@@ -45,7 +45,7 @@ class AttackResult:
     status: list[str]  # per lane: converged | budget | diverged
     seconds: float  # wall time of the whole batch (compilation included)
     final_loss: Tensor  # [N]
-    rounds: int  # batched closure calls (one lane-closure each in the serial engine)
+    rounds: int  # batched closure calls (lane after lane: each C call's most rounds of one lane; serial: closures)
     snapshots: dict[int, Tensor] = field(default_factory=dict)  # step -> [N, B, C, H, W]
 
 

@@ -91,7 +91,7 @@ class LBFGSResult:
     steps: Tensor  # [N] optimizer steps taken
     loss_trace: Tensor  # [N, steps] loss returned by each step (NaN after the lane stopped)
     final_loss: Tensor  # [N] loss at the final iterate's last evaluation
-    rounds: int  # batched closure calls
+    rounds: int  # batched closure calls; lane after lane, each call's most rounds of one lane
     snapshots: dict[int, Tensor]  # step k -> [N, D] iterate at the start of step k
 
 

@@ -136,11 +136,10 @@ def objective(model: nn.Module, image_shape: tuple[int, int, int], batch_size: i
     def bind(params: dict[str, Tensor], targets: dict[str, Tensor], fixed: Tensor) -> LaneObjective:
         """The objective of lane i = the i-th row of every tensor, one lane at a time (see
         :func:`attacks.lbfgs_kernels.rounds_`)."""
-        keep = (spec, fixed.contiguous(), *(params[k].contiguous() for k in names),
-                *(targets[k].contiguous() for k in names))
-        weights, wanted = keep[2:2 + len(names)], keep[2 + len(names):]
+        keep = (fixed.contiguous(), *(params[k].contiguous() for k in names), *(targets[k].contiguous() for k in names))
+        weights, wanted = keep[1:1 + len(names)], keep[1 + len(names):]
         ctx = (ctypes.c_char * lib.sigmoid_convnet_bound_size())()
-        lib.sigmoid_convnet_bind(ctx, layers, ptr(spec), batch_size, classes, int(soft), ptr(keep[1]),
+        lib.sigmoid_convnet_bind(ctx, layers, ptr(spec), batch_size, classes, int(soft), ptr(keep[0]),
                                  (ctypes.c_void_p * len(names))(*(t.data_ptr() for t in weights)),
                                  (ctypes.c_void_p * len(names))(*(t.data_ptr() for t in wanted)))
         return LaneObjective(ctypes.cast(lib.sigmoid_convnet_lane, ctypes.c_void_p), ctx, per_thread, dtype, keep)

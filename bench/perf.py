@@ -11,7 +11,8 @@ same weights, targets and dummy initialisation.
 Printed: attacks per minute for each engine (the batched figure with and without its
 one-off compilation, which a short warm-up run measures), their ratio, ms per
 lane-closure (wall time / closure evaluations), the batched engine's rounds (one closure call
-for all running lanes) and running lanes per round, peak RSS, and the per-image agreement
+for all running lanes; lane after lane, each C call's most rounds of one lane) and running lanes
+per round, peak RSS, and the per-image agreement
 on the shared images (success at MSE < 1e-3 in both or neither, MSE ratio). Where
 ``torch.compile`` failed and the batched engine ran eagerly, a ``note:`` line says so. The last
 line is ``speedup: N.Nx``, attacks per minute batched (compilation included) over
