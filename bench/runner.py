@@ -79,13 +79,14 @@ class Unit:
 
 
 QUEUE_FACTOR = 4  # a unit holds up to this many times ``slots`` attacks
-# ``--lanes auto``. On the CPU, attacks a single-threaded worker computes together: two such workers
-# on the 2-core Intel Xeon (``bench perf --workers 2``, 96 attacks, 2026-11-28) ran CIFAR-10 at
-# 0.195, 0.202, 0.226 and 0.236 ms per lane-closure with 12, 8, 20 and 32 lanes, and MNIST at 0.194,
-# 0.190, 0.215 and 0.236; one worker's share spent 34 s in the L-BFGS rounds at 12 lanes and 42 s at
-# 32 (the same closures): each lane's history (2.5 MB) is read twice a round, and more lanes read it
-# from further away. On CUDA one process computes many more: ``bench perf --device cuda`` measured
-# 0.05-0.07 ms per lane-closure at 256 lanes (NVIDIA H200).
+# ``--lanes auto``. On the CPU, attacks a single-threaded worker computes together: with the loop
+# that alternates loss and round calls over all lanes (CUDA, no C compiler), two such workers on the
+# 2-core Intel Xeon (``bench perf --workers 2``, 96 attacks, 2026-11-28) ran CIFAR-10 at 0.195,
+# 0.202, 0.226 and 0.236 ms per lane-closure with 12, 8, 20 and 32 lanes, and MNIST at 0.194, 0.190,
+# 0.215 and 0.236 (each lane's 2.5 MB history is read twice a round; more lanes read it from further
+# away). Lane after lane (the C kernels) the count hardly matters: 0.166, 0.164, 0.165 with 6, 12, 32.
+# On CUDA one process computes many more: ``bench perf --device cuda`` measured 0.05-0.07 ms per
+# lane-closure at 256 lanes (NVIDIA H200).
 AUTO_LANES = {"cpu": 12, "cuda": 256}
 # On the CPU, a worker's lanes computed together hold at most this many bytes of weights and target
 # gradients. Only LFW's 641-class last layer reaches it (4 MB per lane: 12 slots, not 32), and there
@@ -95,8 +96,8 @@ SLOT_BYTES = 48 << 20
 
 
 def resolve_workers(value: object, device: str, *, flag: str = "--workers") -> int:
-    """``auto``: one single-threaded process per CPU core (on 2 cores measured 1.2x the attack
-    throughput of one process with 2 threads: the per-round L-BFGS bookkeeping is serial); one on CUDA."""
+    """``auto``: one single-threaded process per CPU core (on 2 cores 1.2x the attack throughput of one
+    process with 2 threads when the per-round bookkeeping ran in Python, 1.04x lane after lane); one on CUDA."""
     if value == "auto":
         return 1 if device == "cuda" else max(1, os.cpu_count() or 1)
     return _positive(flag, value)
