@@ -112,8 +112,8 @@ static int held_runs(int64_t st, int64_t len, int64_t H, int64_t runs[4][2]) {
   return 4;
 }
 
-/* Per-thread scratch: the direction's, by row (2H) or by chronological position (H), and the
- * round's new pair (s, y: D each). */
+/* Per-thread scratch: the direction's, by row (2H) or by chronological position (H), the round's
+ * new pair (s, y: D each) and, in lbfgs_rounds, the evaluation's gradient (g_new: D). */
 typedef struct {
   REAL *dg, *dy, *coef, *Sg, *Yg, *Sy, *Yy, *a, *c, *s, *y, *g_new;
 } Scratch;
