@@ -380,7 +380,7 @@ class BatchedLBFGS:
                "final_loss": torch.full((N,), float("nan"), dtype=dt, device=dev)}
         trace = torch.full((N, s.steps), float("nan"), dtype=dt, device=dev)
         rounds = 0
-        snaps = x0.detach().to(dt).unsqueeze(0).repeat(len(snapshot_steps), 1, 1)  # [K, N, D]
+        snaps = x0.detach().unsqueeze(0).repeat(len(snapshot_steps), 1, 1)  # [K, N, D]
         snap_at = torch.tensor(snapshot_steps, dtype=torch.long, device=dev)
         snapped = (snap_at == 0)[:, None].expand(-1, N).contiguous()  # [K, N]: lane's step-k iterate is stored
         # On the CPU with a C objective, rows run LANE_ROUNDS rounds each per C call, one row after

@@ -234,6 +234,9 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
   }
 }
 
+/* The trace column of a round: the lane's step count before it, at most the last step. */
+static int64_t trace_col(int64_t steps, int64_t max_steps) { return steps < max_steps - 1 ? steps : max_steps - 1; }
+
 /* Lane states of the round (see lbfgs_round); int64 where the tensor form keeps torch.long. */
 typedef struct {
   int64_t *status, *it, *n_iter, *evals, *steps, *closures;
@@ -349,7 +352,7 @@ void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL
   const Counters c = {status, it, n_iter, evals, steps, closures};
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t l = 0; l < n; l++) {
-    col[l] = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1; /* before this round's steps count */
+    col[l] = trace_col(steps[l], ilim[0]);
     start[l] = 0;
     if (!run[l]) continue;
     const int64_t o = l * D;
@@ -392,7 +395,7 @@ void lbfgs_rounds(int64_t rounds, LaneObjective f, const void *ctx, REAL *obj_wo
     for (; r < rounds && status[l] == RUNNING; r++) {
       REAL value;
       f(ctx, lane, x + o, w.g_new, &value, obj_work + tid * obj_ws);
-      const int64_t col = steps[l] < ilim[0] - 1 ? steps[l] : ilim[0] - 1;
+      const int64_t col = trace_col(steps[l], ilim[0]);
       uint8_t start = 0;
       lane_round(l, H, D, value, w.g_new, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t, h_diag,
                  final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim, flim, w);
