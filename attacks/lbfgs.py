@@ -347,8 +347,8 @@ class BatchedLBFGS:
         dev, dt = x0.device, x0.dtype
         S = N if slots is None else max(1, min(int(slots), N))
         # The working set: one row per slot, holding global lane ``act[row]``. While lanes wait,
-        # a stopped row is refilled; once none wait, the set is compacted when half of it has
-        # stopped, so stopped lanes cost nothing.
+        # a stopped row is refilled; once none wait, the per-round loop compacts the set when half
+        # of it has stopped, so stopped lanes cost nothing (the C loop of rounds_ skips them).
         act = torch.arange(S, device=dev)
         waiting = S  # the next lane to start
         x = x0[:S].detach().clone()
@@ -413,7 +413,7 @@ class BatchedLBFGS:
                 idx = run.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            if waiting == N and idx.numel() <= act.numel() // 2:
+            if native is None and waiting == N and idx.numel() <= act.numel() // 2:
                 store(torch.arange(act.numel(), device=dev))
                 act = act[idx]
                 (x, x_ok, status, it, n_iter, evals, steps, closures, loss, prev_loss, g, prev_g, d, t, h_diag,
