@@ -142,6 +142,27 @@ static inline void gather(REAL *o, const REAL *src, int64_t n, int64_t s) {
   for (int64_t x = 0; x < n; x++) o[x] = src[x * s];
 }
 
+/* o[x] = a[x s], o[n + x] = b[x s] for x < n <= 8: two output rows of im2col in one store. s = 1, or
+ * s = 2 with idx = pair_index(n). */
+#if FAST
+static __m512i pair_index(int64_t n) {
+  int32_t id[16] = {0};
+  for (int64_t x = 0; x < n; x++) id[x] = (int32_t)(2 * x), id[n + x] = (int32_t)(16 + 2 * x);
+  return _mm512_loadu_si512(id);
+}
+
+static inline void gather_pair(REAL *o, const REAL *a, const REAL *b, int64_t n, int64_t s, __m512i idx) {
+  const __mmask16 first = (__mmask16)((1u << n) - 1), both = (__mmask16)((1u << (2 * n)) - 1);
+  if (s == 1) { /* lane n + x reads (b - n)[n + x] */
+    _mm512_mask_storeu_ps(o, both, _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(first, a), both & ~first, b - n));
+  } else {
+    const __mmask16 len = (__mmask16)((1u << (2 * n - 1)) - 1);
+    _mm512_mask_storeu_ps(o, both, _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(len, a), idx,
+                                                          _mm512_maskz_loadu_ps(len, b)));
+  }
+}
+#endif
+
 /* col[(c, i, j), (y, x)] = in[c, y s + i - p, x s + j - p], 0 outside; pad: padded_size scratch. */
 static void im2col(const Conv *L, const REAL *in, REAL *col, REAL *pad) {
   const int64_t P = L->ho * L->wo, S = L->stride, hp = L->h + 2 * L->pad, wp = L->w + 2 * L->pad;
@@ -149,11 +170,22 @@ static void im2col(const Conv *L, const REAL *in, REAL *col, REAL *pad) {
   for (int64_t c = 0; c < L->ci; c++)
     for (int64_t y = 0; y < L->h; y++)
       memcpy(pad + (c * hp + y + L->pad) * wp + L->pad, in + (c * L->h + y) * L->w, (size_t)L->w * sizeof(REAL));
+#if FAST
+  const int pairs = L->wo <= 8 && (S == 1 || S == 2);
+  const __m512i idx = pair_index(pairs ? L->wo : 1);
+#endif
   for (int64_t c = 0; c < L->ci; c++)
     for (int64_t i = 0; i < L->k; i++)
       for (int64_t j = 0; j < L->k; j++) {
         REAL *row = col + ((c * L->k + i) * L->k + j) * P;
-        for (int64_t y = 0; y < L->ho; y++) gather(row + y * L->wo, pad + (c * hp + y * S + i) * wp + j, L->wo, S);
+        int64_t y = 0;
+#if FAST
+        if (pairs) /* two rows per store: half the stores for 8-wide outputs */
+          for (; y + 2 <= L->ho; y += 2)
+            gather_pair(row + y * L->wo, pad + (c * hp + y * S + i) * wp + j, pad + (c * hp + (y + 1) * S + i) * wp + j,
+                        L->wo, S, idx);
+#endif
+        for (; y < L->ho; y++) gather(row + y * L->wo, pad + (c * hp + y * S + i) * wp + j, L->wo, S);
       }
 }
 
