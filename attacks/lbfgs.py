@@ -25,8 +25,8 @@ direction as batched tensor code (``bmm``, triangular solves, ``baddbmm``). The 
 matrices are kept in chronological order so the solves need no gathers. Where the closure
 also carries a C objective (``closure.native``, a :class:`attacks.native.LaneObjective`), the
 CPU runs rows one after the other instead, ``LANE_ROUNDS`` whole rounds each per C call
-(:func:`attacks.lbfgs_kernels.rounds_`): a lane's iterates are the same to the bit, but its
-2.5 MB history is still half in this core's L2 cache at its next round and Python runs once per
+(:func:`attacks.lbfgs_kernels.rounds_`): a lane's iterates are the same to the bit, but part of
+its 2.5 MB history is still in this core's L2 cache at its next round and Python runs once per
 call, not once per round (``bench perf``, 2 workers of 12 lanes, Intel Xeon: 0.164 against
 0.213 ms per lane-closure).
 
@@ -59,7 +59,7 @@ from attacks.compiling import compile_or_eager
 
 RUNNING, CONVERGED, BUDGET, DIVERGED = 0, 1, 2, 3
 # Rounds a row runs per C call in the lane-after-lane loop. Between calls Python refills stopped
-# rows and reports progress; a call of 12 rows takes about 0.1 s.
+# rows and reports progress; a call of 12 rows takes 0.1-0.15 s.
 LANE_ROUNDS = 32
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", BUDGET: "budget", DIVERGED: "diverged"}
 

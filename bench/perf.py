@@ -181,9 +181,10 @@ def run_perf(args: argparse.Namespace) -> int:
     steps = _positive_int("steps", args.steps)
     device = getattr(args, "device", "cpu")
     lanes = resolve_lanes(getattr(args, "lanes", "auto"), device, flag="perf: --lanes")
-    workers = getattr(args, "workers", "auto")
-    workers = (min(resolve_workers(workers, device), attacks) if workers == "auto"
-               else resolve_workers(workers, device, flag="perf: --workers"))
+    asked = getattr(args, "workers", "auto")
+    workers = resolve_workers(asked, device, flag="perf: --workers")
+    if asked == "auto":  # never more workers than attacks
+        workers = min(workers, attacks)
     if workers > attacks:
         raise UserError(f"perf: --workers ({workers}) must not exceed --attacks ({attacks}): each worker needs "
                         "attacks of its own")
