@@ -207,11 +207,50 @@ static void col2im_plain(const Conv *L, const REAL *col, REAL *out) {
       }
 }
 
+#if FAST
+/* The rows of out for col2im below, with the stride S and the vectors per row nv (1 or 2)
+ * constants: the accumulators stay in registers (indexed by a variable, they went through the
+ * stack, a store and a load in every addition's dependency chain). */
+static inline __attribute__((always_inline)) void col2im_rows(const Conv *L, const REAL *col, REAL *out,
+                                                              const int S, const int nv, __m512i idx[8][2],
+                                                              __mmask16 m[8][2]) {
+  const int64_t K = L->k, p = L->pad, w = L->w, wo = L->wo, P = L->ho * wo;
+  const __mmask16 in_row = (__mmask16)((1u << wo) - 1);
+  for (int64_t c = 0; c < L->ci; c++)
+    for (int64_t iy = 0; iy < L->h; iy++) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t i = 0; i < K; i++) {
+        const int64_t q = iy - i + p;
+        if (q < 0 || q % S || q / S >= L->ho) continue;
+        const REAL *rows = col + (c * K + i) * K * P + (q / S) * wo;
+        for (int64_t j = 0; j < K; j++) {
+          const REAL *r = rows + j * P;
+          if (S == 1) { /* lane ix reads r[ix - j + p] */
+            acc0 = _mm512_add_ps(acc0, _mm512_maskz_loadu_ps(m[j][0], r + p - j));
+            if (nv == 2) acc1 = _mm512_add_ps(acc1, _mm512_maskz_loadu_ps(m[j][1], r + 16 + p - j));
+          } else { /* lane ix reads r[(ix - j + p) / 2] where that is whole */
+            const __m512 row = _mm512_maskz_loadu_ps(in_row, r);
+            acc0 = _mm512_add_ps(acc0, _mm512_maskz_permutexvar_ps(m[j][0], idx[j][0], row));
+            if (nv == 2) acc1 = _mm512_add_ps(acc1, _mm512_maskz_permutexvar_ps(m[j][1], idx[j][1], row));
+          }
+        }
+      }
+      REAL *o = out + (c * L->h + iy) * w;
+      const __mmask16 m0 = (__mmask16)(w >= 16 ? 0xFFFF : (1u << w) - 1);
+      _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, o), acc0));
+      if (nv == 2) {
+        const __mmask16 m1 = (__mmask16)(w >= 32 ? 0xFFFF : (1u << (w - 16)) - 1);
+        _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, o + 16), acc1));
+      }
+    }
+}
+#endif
+
 static void col2im(const Conv *L, const REAL *col, REAL *out) {
 #if FAST
   /* Row by row of out, in registers: each (i, j) adds a permuted (stride 2) or shifted (stride 1)
    * row of col, so no store is read back (overlapping stores would stall store forwarding). */
-  const int64_t S = L->stride, K = L->k, p = L->pad, w = L->w, wo = L->wo, P = L->ho * wo;
+  const int64_t S = L->stride, K = L->k, p = L->pad, w = L->w, wo = L->wo;
   if ((S == 1 || S == 2) && w <= 32 && wo <= 16 && K <= 8) {
     __m512i idx[8][2];
     __mmask16 m[8][2];
@@ -227,33 +266,10 @@ static void col2im(const Conv *L, const REAL *col, REAL *out) {
         idx[j][v] = _mm512_loadu_si512(id);
         m[j][v] = (__mmask16)mk;
       }
-    const int nv = w > 16 ? 2 : 1;
-    for (int64_t c = 0; c < L->ci; c++)
-      for (int64_t iy = 0; iy < L->h; iy++) {
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t i = 0; i < K; i++) {
-          const int64_t q = iy - i + p;
-          if (q < 0 || q % S || q / S >= L->ho) continue;
-          const REAL *rows = col + (c * K + i) * K * P + (q / S) * wo;
-          for (int64_t j = 0; j < K; j++) {
-            const REAL *r = rows + j * P;
-            if (S == 1) /* lane ix reads r[ix - j + p] */
-              for (int v = 0; v < nv; v++)
-                acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_loadu_ps(m[j][v], r + 16 * v + p - j));
-            else { /* lane ix reads r[(ix - j + p) / 2] where that is whole */
-              const __m512 row = _mm512_maskz_loadu_ps((__mmask16)((1u << wo) - 1), r);
-              for (int v = 0; v < nv; v++)
-                acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_permutexvar_ps(m[j][v], idx[j][v], row));
-            }
-          }
-        }
-        REAL *o = out + (c * L->h + iy) * w;
-        for (int v = 0; v < nv; v++) {
-          const int64_t left = w - 16 * v;
-          const __mmask16 mo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
-          _mm512_mask_storeu_ps(o + 16 * v, mo, _mm512_add_ps(_mm512_maskz_loadu_ps(mo, o + 16 * v), acc[v]));
-        }
-      }
+    if (S == 1 && w <= 16) col2im_rows(L, col, out, 1, 1, idx, m);
+    else if (S == 1) col2im_rows(L, col, out, 1, 2, idx, m);
+    else if (w <= 16) col2im_rows(L, col, out, 2, 1, idx, m);
+    else col2im_rows(L, col, out, 2, 2, idx, m);
     return;
   }
 #endif
@@ -357,6 +373,37 @@ static REAL sq_diff(const REAL *g, const REAL *t, REAL *gbar, int64_t n) {
   }
   REDUCE(acc, r);
   return s + r;
+}
+
+/* acc[c % VEC] += d^2 and gbar = 2 d for d = g - t over the weight gradient g^T [CK, co] (stored
+ * transposed, in place of gbar) and its target t [co, CK], k by k, channels in order. */
+static void weight_distance(REAL *g, const REAL *t, int64_t co, int64_t CK, REAL *acc) {
+#if FAST
+  /* The same sums, 16 channels per vector (channel c in lane c % 16): a stack accumulator held
+   * a store and a load in each addition's dependency chain. */
+  __m512 a = _mm512_loadu_ps(acc);
+  const __m512i step = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int32_t)CK));
+  if (co * CK < INT32_MAX) {
+    for (int64_t k = 0; k < CK; k++)
+      for (int64_t c0 = 0; c0 < co; c0 += 16) {
+        const __mmask16 m = (__mmask16)(co - c0 >= 16 ? 0xFFFF : (1u << (co - c0)) - 1);
+        const __m512i at = _mm512_add_epi32(step, _mm512_set1_epi32((int32_t)(c0 * CK + k)));
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, g + k * co + c0),
+                                       _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, at, t, 4));
+        a = _mm512_fmadd_ps(d, d, a); /* d = 0 in the lanes past co */
+        _mm512_mask_storeu_ps(g + k * co + c0, m, _mm512_add_ps(d, d));
+      }
+    _mm512_storeu_ps(acc, a);
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < CK; k++)
+    for (int64_t c = 0; c < co; c++) {
+      const REAL d = g[k * co + c] - t[c * CK + k];
+      acc[c % VEC] += d * d;
+      g[k * co + c] = 2 * d;
+    }
 }
 
 /* y[i] = 1 / (1 + exp(-(x[i] + bias))) for i < n, in place. */
@@ -513,12 +560,7 @@ static void lane(const Net *N, const REAL *z, int soft, const REAL *fixed, const
   for (int64_t l = 0; l < Lc; l++) { /* gW, gb become their adjoints 2 (g - t) */
     const int64_t co = N->conv[l].co, CK = wsize(&N->conv[l]) / co;
     REAL acc[VEC] = {0}, sq;
-    for (int64_t k = 0; k < CK; k++) /* T is [co, CK], gW^T [CK, co] */
-      for (int64_t c = 0; c < co; c++) {
-        const REAL d = gW[l][k * co + c] - T[2 * l][c * CK + k];
-        acc[c % VEC] += d * d;
-        gW[l][k * co + c] = 2 * d;
-      }
+    weight_distance(gW[l], T[2 * l], co, CK, acc);
     REDUCE(acc, sq);
     D += sq;
     D += sq_diff(gb[l], T[2 * l + 1], gb[l], N->conv[l].co);

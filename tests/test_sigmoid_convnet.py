@@ -44,6 +44,10 @@ def _wide(classes: int) -> nn.Module:  # 40 x 40 input: rows wider than the vect
     return nn.Sequential(nn.Conv2d(1, 4, 5, stride=2, padding=2), nn.Sigmoid(), nn.Flatten(), nn.Linear(1600, classes))
 
 
+def _many(classes: int) -> nn.Module:  # 20 output channels (more than a vector's 16); 20-wide rows, stride 1
+    return nn.Sequential(nn.Conv2d(3, 20, 5), nn.Sigmoid(), nn.Flatten(), nn.Linear(5120, classes))
+
+
 MODELS = {  # name: (build(classes, generator), image shape)
     "lenet-dlg": (lambda C, g: build_model("lenet-dlg", num_classes=C, generator=g), (3, 32, 32)),
     "lenet-dlg-gray": (lambda C, g: build_model("lenet-dlg", num_classes=C, channels=1, generator=g), (1, 32, 32)),
@@ -51,6 +55,7 @@ MODELS = {  # name: (build(classes, generator), image shape)
     "strided": (lambda C, g: _strided(C), (3, 13, 13)),
     "wide": (lambda C, g: _wide(C), (1, 40, 40)),
     "pointwise": (lambda C, g: _pointwise(C), (2, 5, 5)),
+    "many": (lambda C, g: _many(C), (3, 20, 20)),
 }
 
 
@@ -91,7 +96,7 @@ def _both(batch: AttackBatch, label: str, dtype=F64, z_seed: int = 7):
 
 CASES = [("lenet-dlg", 1, 10, "dlg"), ("lenet-dlg", 2, 10, "dlg"), ("lenet-dlg", 1, 10, "idlg"),
          ("lenet-dlg", 1, 100, "dlg"), ("lenet-dlg-gray", 1, 10, "dlg"), ("odd", 2, 6, "dlg"),
-         ("strided", 1, 5, "dlg"), ("wide", 1, 4, "idlg"), ("pointwise", 2, 3, "dlg")]
+         ("strided", 1, 5, "dlg"), ("wide", 1, 4, "idlg"), ("pointwise", 2, 3, "dlg"), ("many", 1, 3, "dlg")]
 
 
 @pytest.mark.parametrize(("name", "B", "C", "label"), CASES)
