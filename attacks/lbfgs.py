@@ -106,12 +106,13 @@ class _History:
     batched product reads S and Y together. ``R`` (= triu(S^T Y), diagonal y_i.s_i) and
     ``YY`` (= Y^T Y) are kept by chronological position (oldest first), shifted by one when
     the oldest pair is evicted: the solves need them in exactly this layout. Unused
-    positions hold R = identity, YY = 0, which makes their coefficients exactly 0.
+    positions hold R = identity, YY = 0, which makes their coefficients exactly 0. The CPU's C
+    kernels want each row padded to whole cache lines (``row``: floats per row, at least ``dim``).
     """
 
-    def __init__(self, n: int, H: int, dim: int, dt: torch.dtype, dev: torch.device):
+    def __init__(self, n: int, H: int, dim: int, dt: torch.dtype, dev: torch.device, row: int | None = None):
         self.H = H
-        self.buf = torch.zeros(n, 2 * H, dim, dtype=dt, device=dev)
+        self.buf = torch.zeros(n, 2 * H, dim if row is None else row, dtype=dt, device=dev)
         self.R = torch.eye(H, dtype=dt, device=dev).repeat(n, 1, 1)
         self.YY = torch.zeros(n, H, H, dtype=dt, device=dev)
         self.len = torch.zeros(n, dtype=torch.long, device=dev)
@@ -367,11 +368,12 @@ class BatchedLBFGS:
         t = torch.zeros(S, dtype=dt, device=dev)
         h_diag = torch.ones(S, dtype=dt, device=dev)
         final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
-        hist = _History(S, s.history_size, dim, dt, dev)
         if lbfgs_kernels.available(x0):  # the CPU: one C call per round, in place
             step = lbfgs_kernels.round_
+            hist = _History(S, s.history_size, dim, dt, dev, lbfgs_kernels.row_stride(dim, dt))
         else:
             step = compiled(_round) if self.compile else _round
+            hist = _History(S, s.history_size, dim, dt, dev)
         limits = (s.steps, s.lr, s.max_iter, s.eval_budget, s.tolerance_grad, s.tolerance_change)
         # Results by global lane id: written when a lane leaves the working set and at the end.
         out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),

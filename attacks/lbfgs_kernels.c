@@ -24,6 +24,14 @@ static int thread_id(void) { return 0; }
 /* Rows per block: pass 1 reuses each g, y load for ROWS rows, pass 2 each load and store of d. */
 #define ROWS 8
 
+/* A history row's stride: D rounded up to whole 64-byte lines (the padding is never read). With
+ * D = 3082 floats unpadded, 7 of 8 rows start inside a line and every vector load of them straddles
+ * two; padded, the two passes read 1.3-1.5x faster from L2 (a C benchmark of the passes, 64 rows). */
+static int64_t row(int64_t D) { return (D + WIDTH - 1) / WIDTH * WIDTH; }
+
+/* For the caller, who allocates the history as [lanes, 2H, history_row(D)]. */
+int64_t history_row(int64_t D) { return row(D); }
+
 /* x . y over n elements, in WIDTH independent sums (a single running sum would wait on every addition). */
 static REAL dot(const REAL *x, const REAL *y, int64_t n) {
   REAL acc[WIDTH] = {0}, sum = 0;
@@ -36,24 +44,25 @@ static REAL dot(const REAL *x, const REAL *y, int64_t n) {
   return sum + acc[0];
 }
 
-/* Pass 1 on rows [r0, r0 + ROWS) of p ([rows, D]): dg[r] = p[r] . g, dy[r] = p[r] . y. */
-static void dots_block(const REAL *p, int64_t r0, int64_t D, const REAL *g, const REAL *y, REAL *dg, REAL *dy) {
-  const REAL *b = p + r0 * D;
+/* Pass 1 on rows [r0, r0 + ROWS) of p ([rows, P], D used): dg[r] = p[r] . g, dy[r] = p[r] . y. */
+static void dots_block(const REAL *p, int64_t r0, int64_t D, int64_t P, const REAL *g, const REAL *y, REAL *dg,
+                       REAL *dy) {
+  const REAL *b = p + r0 * P;
   REAL ag[ROWS][WIDTH] = {{0}}, ay[ROWS][WIDTH] = {{0}};
   int64_t d = 0;
   for (; d + WIDTH <= D; d += WIDTH)
     for (int k = 0; k < WIDTH; k++) {
       const REAL gv = g[d + k], yv = y[d + k];
       for (int j = 0; j < ROWS; j++) {
-        ag[j][k] += b[j * D + d + k] * gv;
-        ay[j][k] += b[j * D + d + k] * yv;
+        ag[j][k] += b[j * P + d + k] * gv;
+        ay[j][k] += b[j * P + d + k] * yv;
       }
     }
   for (int j = 0; j < ROWS; j++) {
     REAL sg = 0, sy = 0;
     for (int64_t e = d; e < D; e++) {
-      sg += b[j * D + e] * g[e];
-      sy += b[j * D + e] * y[e];
+      sg += b[j * P + e] * g[e];
+      sy += b[j * P + e] * y[e];
     }
     for (int k = 0; k < WIDTH; k++) {
       sg += ag[j][k];
@@ -67,30 +76,37 @@ static void dots_block(const REAL *p, int64_t r0, int64_t D, const REAL *g, cons
 /* Pass 1 on rows [0, rows) of p, last rows first, so that pass 2 (first row to last) starts on the
  * rows still in cache. Blocks of ROWS from row 0, the last rows % ROWS one at a time: each row is
  * summed the same way whatever the order of the walk. */
-static void dots_rows_back(const REAL *p, int64_t rows, int64_t D, const REAL *g, const REAL *y, REAL *dg,
-                           REAL *dy) {
+static void dots_rows_back(const REAL *p, int64_t rows, int64_t D, int64_t P, const REAL *g, const REAL *y,
+                           REAL *dg, REAL *dy) {
   const int64_t blocked = rows - rows % ROWS;
   for (int64_t r = rows - 1; r >= blocked; r--) {
-    dg[r] = dot(p + r * D, g, D);
-    dy[r] = dot(p + r * D, y, D);
+    dg[r] = dot(p + r * P, g, D);
+    dy[r] = dot(p + r * P, y, D);
   }
-  for (int64_t r0 = blocked - ROWS; r0 >= 0; r0 -= ROWS) dots_block(p, r0, D, g, y, dg, dy);
+  for (int64_t r0 = blocked - ROWS; r0 >= 0; r0 -= ROWS) dots_block(p, r0, D, P, g, y, dg, dy);
 }
 
-/* Pass 2 on rows [0, rows) of p: o += sum_r c[r] p[r]. */
-static void combine_rows(REAL *o, const REAL *p, const REAL *c, int64_t rows, int64_t D) {
+/* Pass 2 on rows [0, rows) of p ([rows, P], D used): o += sum_r c[r] p[r]. A block's ROWS
+ * coefficients stay in registers (locals, and o aliases neither p nor c): re-read at every element,
+ * as when o might alias c, the pass ran 1.6x slower from L2 (a C benchmark; the same sums). */
+static void combine_rows(REAL *restrict o, const REAL *restrict p, const REAL *restrict c, int64_t rows, int64_t D,
+                         int64_t P) {
   for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
     const int nr = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
-    const REAL *b = p + r0 * D;
+    const REAL *b = p + r0 * P;
     if (nr == ROWS) {
+      REAL cb[ROWS];
+      for (int j = 0; j < ROWS; j++) cb[j] = c[r0 + j];
       for (int64_t d = 0; d < D; d++) {
         REAL acc = o[d];
-        for (int j = 0; j < ROWS; j++) acc += c[r0 + j] * b[j * D + d];
+        for (int j = 0; j < ROWS; j++) acc += cb[j] * b[j * P + d];
         o[d] = acc;
       }
     } else {
-      for (int j = 0; j < nr; j++)
-        for (int64_t d = 0; d < D; d++) o[d] += c[r0 + j] * b[j * D + d];
+      for (int j = 0; j < nr; j++) {
+        const REAL cj = c[r0 + j];
+        for (int64_t d = 0; d < D; d++) o[d] += cj * b[j * P + d];
+      }
     }
   }
 }
@@ -186,7 +202,7 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
   }
 }
 
-/* One lane's direction: the new pair (s, y; dn = y.s, y.y, s.g, y.g) joins the history B [2H, D]
+/* One lane's direction: the new pair (s, y; dn = y.s, y.y, s.g, y.g) joins the history B [2H, row(D)]
  * if push (evicting the oldest pair when full), R, YY, start, length follow, and out [D] = -H g.
  * Pass 1 walks the rows backwards, so pass 2 (first row to last) starts on the rows it read last,
  * which a 2 MB L2 still holds: on the Intel Xeon of 2026-11-27 (32 full lanes, one thread) a call
@@ -194,23 +210,24 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
 static void lane_direction(int64_t H, int64_t D, REAL *B, REAL *R, REAL *YY, int64_t *start, int64_t *length,
                            const REAL *g, const REAL *s, const REAL *y, const REAL *dn, int push, REAL h,
                            REAL *out, Scratch t) {
+  const int64_t P = row(D);
   int64_t runs[4][2];
   for (int k = held_runs(*start, *length, H, runs) - 1; k >= 0; k--) /* pass 1, last run first */
-    dots_rows_back(B + runs[k][0] * D, runs[k][1], D, g, y, t.dg + runs[k][0], t.dy + runs[k][0]);
+    dots_rows_back(B + runs[k][0] * P, runs[k][1], D, P, g, y, t.dg + runs[k][0], t.dy + runs[k][0]);
   const int64_t slot = (*start + *length) % H; /* the free slot, or the oldest one when full */
   lane_algebra(H, R, YY, start, length, dn, push, h, t);
   if (push) {
-    memcpy(B + slot * D, s, (size_t)D * sizeof(REAL));
-    memcpy(B + (H + slot) * D, y, (size_t)D * sizeof(REAL));
+    memcpy(B + slot * P, s, (size_t)D * sizeof(REAL));
+    memcpy(B + (H + slot) * P, y, (size_t)D * sizeof(REAL));
   }
   for (int64_t e = 0; e < D; e++) out[e] = -h * g[e];
   for (int k = 0, m = held_runs(*start, *length, H, runs); k < m; k++) /* pass 2, with the new pair */
-    combine_rows(out, B + runs[k][0] * D, t.coef + runs[k][0], runs[k][1], D);
+    combine_rows(out, B + runs[k][0] * P, t.coef + runs[k][0], runs[k][1], D, P);
 }
 
 /* The direction alone, for every lane l (all arrays lane-major; see _direction in lbfgs.py for the
  * same in tensor form; the engine calls lbfgs_round, which calls lane_direction the same way):
- *   buf [2H, D]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
+ *   buf [2H, history_row(D)]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
  *   R, YY [H, H]: triu(S^T Y) and Y^T Y by chronological position (oldest first);
  *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
  *   (evicting the oldest pair when full); h_diag [1] = H_diag; need: whether the lane's direction is
@@ -228,7 +245,7 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
       memset(out + l * D, 0, (size_t)D * sizeof(REAL));
       continue;
     }
-    lane_direction(H, D, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, start + l, length + l, g + l * D,
+    lane_direction(H, D, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, start + l, length + l, g + l * D,
                    s + l * D, y + l * D, dots_new + 4 * l, push[l] != 0, h_diag[l], out + l * D,
                    scratch(work, thread_id(), H, D));
   }
@@ -341,7 +358,7 @@ static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *
 
 /* A whole round after the closure, for every lane l with run[l] (the others keep everything and
  * get col = their clamped step count, start = 0): the C form of attacks.lbfgs._round, with the
- * same lane-major arrays, updated in place. ilim = (steps, max_iter, eval budget); flim = (lr,
+ * same lane-major arrays (buf as history_direction's), updated in place. ilim = (steps, max_iter, eval budget); flim = (lr,
  * tolerance_grad, tolerance_change). work: [threads, kernel_work(H, D)]. */
 void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL *f_new, const REAL *g_new,
                  REAL *x, REAL *x_ok, int64_t *status, int64_t *it, int64_t *n_iter, int64_t *evals, int64_t *steps,
@@ -357,7 +374,7 @@ void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL
     if (!run[l]) continue;
     const int64_t o = l * D;
     lane_round(l, H, D, f_new[l], g_new + o, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t,
-               h_diag, final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, start + l,
+               h_diag, final_loss, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, hstart, hlen, start + l,
                ilim, flim, scratch(work, thread_id(), H, D));
   }
 }
@@ -398,7 +415,8 @@ void lbfgs_rounds(int64_t rounds, LaneObjective f, const void *ctx, REAL *obj_wo
       const int64_t col = trace_col(steps[l], ilim[0]);
       uint8_t start = 0;
       lane_round(l, H, D, value, w.g_new, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t, h_diag,
-                 final_loss, buf + l * 2 * H * D, R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim, flim, w);
+                 final_loss, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim,
+                 flim, w);
       if (start) trace[lane * ilim[0] + col] = loss[l];
       for (int64_t j = 0; j < nsnap; j++)
         if (steps[l] == snap_steps[j] && !snapped[j * count + lane]) {

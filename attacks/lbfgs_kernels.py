@@ -4,7 +4,8 @@
 pair and gives the direction, the lane moves) lane by lane, in place (OpenMP over lanes; a lane's
 result does not depend on the other lanes or on the thread count). Its direction reads the lane's
 [2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1 dots it with g and y, pass 2 combines
-its rows; between them lies the two-loop recursion's small algebra on [H, H] matrices. On one
+its rows; between them lies the two-loop recursion's small algebra on [H, H] matrices. Here each
+row is padded to whole 64-byte lines (:func:`row_stride`), so that no vector load straddles two. On one
 thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
 
 - pass 1 took 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
@@ -49,6 +50,8 @@ from attacks.native import Kernels, LaneObjective, ptr
 def _declare(lib: ctypes.CDLL) -> None:
     lib.kernel_work.restype = ctypes.c_int64
     lib.kernel_work.argtypes = [ctypes.c_int64] * 2
+    lib.history_row.restype = ctypes.c_int64
+    lib.history_row.argtypes = [ctypes.c_int64]
     lib.history_direction.restype = None
     lib.history_direction.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 14 + [ctypes.c_int]
     lib.lbfgs_round.restype = None
@@ -74,6 +77,18 @@ def _work(like: Tensor, H: int, D: int) -> Tensor:
     return _WORK[key]
 
 
+def row_stride(D: int, dtype: torch.dtype) -> int:
+    """The floats per history row the kernels expect: D rounded up to whole 64-byte lines, so that
+    every row starts on a cache line (the padding is never read or written)."""
+    return int(KERNELS.libs[dtype].history_row(D))
+
+
+def _check_rows(buf: Tensor, D: int) -> None:
+    if buf.shape[2] != row_stride(D, buf.dtype):
+        raise ValueError(f"history rows of {buf.shape[2]} floats; the kernels need row_stride({D}) = "
+                         f"{row_stride(D, buf.dtype)} (allocate _History with that row)")
+
+
 def _limits(limits: tuple) -> tuple[Tensor, Tensor]:
     """(steps, max_iter, eval budget) as int64 and (lr, tolerance_grad, tolerance_change) as double, cached."""
     if limits not in _LIMITS:
@@ -86,12 +101,14 @@ def _limits(limits: tuple) -> tuple[Tensor, Tensor]:
 def direction(buf: Tensor, R: Tensor, YY: Tensor, start: Tensor, length: Tensor, g: Tensor, s: Tensor, y: Tensor,
               dots_new: Tensor, push: Tensor, need: Tensor, h_diag: Tensor) -> Tensor:
     """The direction alone, as :func:`round_` computes it (same arguments and in-place updates as
-    :func:`attacks.lbfgs._direction`); the tests check it against torch.optim.LBFGS's two-loop recursion."""
+    :func:`attacks.lbfgs._direction`, but ``buf``'s rows padded to :func:`row_stride`); the tests
+    check it against torch.optim.LBFGS's two-loop recursion."""
     state = (buf, R, YY, start, length)
     assert all(t.is_contiguous() for t in state)  # updated in place
     assert all(t.dtype == buf.dtype for t in (R, YY, g, s, y, dots_new, h_diag))  # read as one C type
     assert push.dtype == need.dtype == torch.bool  # read as bytes
-    n, H, D = buf.shape[0], R.shape[1], buf.shape[2]
+    n, H, D = buf.shape[0], R.shape[1], g.shape[1]
+    _check_rows(buf, D)
     out = buf.new_empty(n, D)
     inputs = (t.contiguous() for t in (g, s, y, dots_new, push, need, h_diag))
     KERNELS.libs[buf.dtype].history_direction(n, H, D, *map(ptr, (*state, *inputs, out, _work(buf, H, D))),
@@ -111,6 +128,7 @@ def round_(run: Tensor, f_new: Tensor, g_new: Tensor, x: Tensor, x_ok: Tensor, s
     assert all(v.dtype == torch.long for v in (status, it, n_iter, evals, steps, closures, hstart, hlen))
     assert all(v.dtype == x.dtype for v in (f_new, g_new, *state[:2], *state[8:19]))  # read as one C type
     n, H, D = x.shape[0], R.shape[1], x.shape[1]
+    _check_rows(buf, D)
     col, start = status.new_empty(n), run.new_empty(n)
     ilim, flim = _limits(limits)
     KERNELS.libs[x.dtype].lbfgs_round(
@@ -142,6 +160,7 @@ def rounds_(count: int, objective: LaneObjective, act: Tensor, x: Tensor, x_ok: 
     assert all(v.dtype == x.dtype == objective.dtype for v in (x_ok, loss, g, prev_g, prev_loss, d, t, h_diag,
                                                                final_loss, buf, R, YY, trace, snaps))
     n, H, D = x.shape[0], R.shape[1], x.shape[1]
+    _check_rows(buf, D)
     threads = torch.get_num_threads()
     key = (threads, objective.work_per_thread, x.dtype)
     if key not in _OBJECTIVE_WORK:

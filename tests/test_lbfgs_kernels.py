@@ -64,10 +64,12 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
     """Round after round, with histories filling, evicting (H = 3, 20: ring start moves), skipping
     pushes and one lane cleared midway, both forms give torch.optim.LBFGS's direction, the same
     history buffer bit for bit, and the same small matrices; a lane whose direction is not needed gets
-    0 and keeps its history. Remainders: 2H = 6, D = 37."""
+    0 and keeps its history. Remainders: 2H = 6, D = 37. The kernels' rows are padded to whole
+    64-byte lines; the padding stays 0."""
     dtype = kernels
-    n = 5
-    c_hist, t_hist = (_History(n, H, D, dtype, torch.device("cpu")) for _ in range(2))
+    n, cpu, row = 5, torch.device("cpu"), lbfgs_kernels.row_stride(D, kernels)
+    assert row % (64 // kernels.itemsize) == 0 and D <= row < D + 64 // kernels.itemsize
+    c_hist, t_hist = _History(n, H, D, dtype, cpu, row), _History(n, H, D, dtype, cpu)
     pairs = [([], []) for _ in range(n)]  # per lane: torch's old_stps, old_dirs
     moved, skipped = False, 0
     tol = {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
@@ -89,13 +91,17 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
             want = _two_loop(stps, dirs, float(h_diag[lane]), g[lane]) if need[lane] else torch.zeros_like(g[lane])
             torch.testing.assert_close(d_c[lane], want, **tol)
             torch.testing.assert_close(d_t[lane], want, **tol)
-        assert torch.equal(c_hist.buf, t_hist.buf)
+        assert torch.equal(c_hist.buf[..., :D], t_hist.buf) and not c_hist.buf[..., D:].any()
         assert torch.equal(c_hist.start, t_hist.start) and torch.equal(c_hist.len, t_hist.len)
         torch.testing.assert_close(c_hist.R.triu(), t_hist.R.triu(), **tol)  # the lower triangle is never read
         torch.testing.assert_close(c_hist.YY, t_hist.YY, **tol)
         moved = moved or int(c_hist.start[0]) != 0
         skipped += int((~need).sum())
     assert skipped > 0  # some lanes sat out a round
+    if row != D:  # an unpadded history would be read out of bounds: refused
+        with pytest.raises(ValueError, match=r"row_stride"):
+            lbfgs_kernels.direction(t_hist.buf, t_hist.R, t_hist.YY, t_hist.start, t_hist.len, g, s, y, dots_new,
+                                    push, need, h_diag)
     assert moved == (rounds > H)  # the ring start moved (evictions) where the rounds outnumber the slots
 
 
@@ -103,7 +109,7 @@ def test_kernel_and_tensor_form_give_torch_lbfgs_direction(kernels, H, D, rounds
 def test_kernel_results_do_not_depend_on_threads_or_neighbours(kernels):
     """Lanes are split over threads: 1 or 2 threads, alone or among others, a lane's result is bit for bit the same."""
     n, H, D = 6, 100, 3082
-    hist = _History(n, H, D, kernels, torch.device("cpu"))
+    hist = _History(n, H, D, kernels, torch.device("cpu"), lbfgs_kernels.row_stride(D, kernels))
     for _, g, s, y, dots_new, push, need, h_diag in _rounds(n, H, D, 3, kernels):
         lbfgs_kernels.direction(hist.buf, hist.R, hist.YY, hist.start, hist.len, g, s, y, dots_new, push, need, h_diag)
     state = (hist.buf, hist.R, hist.YY, hist.start, hist.len)
