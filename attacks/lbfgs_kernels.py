@@ -4,9 +4,9 @@
 pair and gives the direction, the lane moves) lane by lane, in place (OpenMP over lanes; a lane's
 result does not depend on the other lanes or on the thread count). Its direction reads the lane's
 [2H, D] history twice (see :mod:`attacks.lbfgs`): pass 1 dots it with g and y, pass 2 combines
-its rows; between them lies the two-loop recursion's small algebra on [H, H] matrices. Here each
-row is padded to whole 64-byte lines (:func:`row_stride`), so that no vector load straddles two. On one
-thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
+its rows; between them lies the two-loop recursion's small algebra on [H, H] matrices. Here the
+rows are padded to whole 64-byte lines (:func:`row_stride`): no vector load straddles two lines.
+On one thread of this project's 2-core AMD EPYC, 32 lanes of ``lenet-dlg`` (79 MB of history):
 
 - pass 1 took 2.4 ms (33 GB/s) against 4.9 ms as MKL's ``bmm``, pass 2 with the write of
   the new pair 2.0 ms against 2.8-3.0 ms as ``baddbmm``;
@@ -79,7 +79,7 @@ def _work(like: Tensor, H: int, D: int) -> Tensor:
 
 def row_stride(D: int, dtype: torch.dtype) -> int:
     """The floats per history row the kernels expect: D rounded up to whole 64-byte lines, so that
-    every row starts on a cache line (the padding is never read or written)."""
+    every row starts on a cache line (the padding is never read; it stays 0)."""
     return int(KERNELS.libs[dtype].history_row(D))
 
 
