@@ -368,12 +368,11 @@ class BatchedLBFGS:
         t = torch.zeros(S, dtype=dt, device=dev)
         h_diag = torch.ones(S, dtype=dt, device=dev)
         final_loss = torch.full((S,), float("nan"), dtype=dt, device=dev)
-        if lbfgs_kernels.available(x0):  # the CPU: one C call per round, in place
-            step = lbfgs_kernels.round_
-            hist = _History(S, s.history_size, dim, dt, dev, lbfgs_kernels.row_stride(dim, dt))
+        if lbfgs_kernels.available(x0):  # the CPU: one C call per round, in place, on padded rows
+            step, row = lbfgs_kernels.round_, lbfgs_kernels.row_stride(dim, dt)
         else:
-            step = compiled(_round) if self.compile else _round
-            hist = _History(S, s.history_size, dim, dt, dev)
+            step, row = (compiled(_round) if self.compile else _round), None
+        hist = _History(S, s.history_size, dim, dt, dev, row)
         limits = (s.steps, s.lr, s.max_iter, s.eval_budget, s.tolerance_grad, s.tolerance_change)
         # Results by global lane id: written when a lane leaves the working set and at the end.
         out = {"x": x0.detach().clone(), "status": torch.full((N,), RUNNING, dtype=torch.long, device=dev),

@@ -24,13 +24,11 @@ static int thread_id(void) { return 0; }
 /* Rows per block: pass 1 reuses each g, y load for ROWS rows, pass 2 each load and store of d. */
 #define ROWS 8
 
-/* A history row's stride: D rounded up to whole 64-byte lines (the padding is never read). With
- * D = 3082 floats unpadded, 7 of 8 rows start inside a line and every vector load of them straddles
- * two; padded, the two passes read 1.3-1.5x faster from L2 (a C benchmark of the passes, 64 rows). */
-static int64_t row(int64_t D) { return (D + WIDTH - 1) / WIDTH * WIDTH; }
-
-/* For the caller, who allocates the history as [lanes, 2H, history_row(D)]. */
-int64_t history_row(int64_t D) { return row(D); }
+/* A history row's stride, also for the caller, who allocates the history as [lanes, 2H, this]: D
+ * rounded up to whole 64-byte lines (the padding is never read). With D = 3082 floats unpadded, 7 of
+ * 8 rows start inside a line and every vector load of them straddles two; padded, the two passes
+ * read 1.3-1.5x faster from L2 (a C benchmark of the passes, 64 rows). */
+int64_t history_row(int64_t D) { return (D + WIDTH - 1) / WIDTH * WIDTH; }
 
 /* x . y over n elements, in WIDTH independent sums (a single running sum would wait on every addition). */
 static REAL dot(const REAL *x, const REAL *y, int64_t n) {
@@ -202,15 +200,16 @@ static void lane_algebra(int64_t H, REAL *R, REAL *YY, int64_t *start, int64_t *
   }
 }
 
-/* One lane's direction: the new pair (s, y; dn = y.s, y.y, s.g, y.g) joins the history B [2H, row(D)]
- * if push (evicting the oldest pair when full), R, YY, start, length follow, and out [D] = -H g.
+/* One lane's direction: the new pair (s, y; dn = y.s, y.y, s.g, y.g) joins the history
+ * B [2H, history_row(D)] if push (evicting the oldest pair when full), R, YY, start, length follow,
+ * and out [D] = -H g.
  * Pass 1 walks the rows backwards, so pass 2 (first row to last) starts on the rows it read last,
  * which a 2 MB L2 still holds: on the Intel Xeon of 2026-11-27 (32 full lanes, one thread) a call
  * took 5.4-5.8 ms against 6.5-6.8 ms with both passes forwards over all lanes in turn. */
 static void lane_direction(int64_t H, int64_t D, REAL *B, REAL *R, REAL *YY, int64_t *start, int64_t *length,
                            const REAL *g, const REAL *s, const REAL *y, const REAL *dn, int push, REAL h,
                            REAL *out, Scratch t) {
-  const int64_t P = row(D);
+  const int64_t P = history_row(D);
   int64_t runs[4][2];
   for (int k = held_runs(*start, *length, H, runs) - 1; k >= 0; k--) /* pass 1, last run first */
     dots_rows_back(B + runs[k][0] * P, runs[k][1], D, P, g, y, t.dg + runs[k][0], t.dy + runs[k][0]);
@@ -227,7 +226,8 @@ static void lane_direction(int64_t H, int64_t D, REAL *B, REAL *R, REAL *YY, int
 
 /* The direction alone, for every lane l (all arrays lane-major; see _direction in lbfgs.py for the
  * same in tensor form; the engine calls lbfgs_round, which calls lane_direction the same way):
- *   buf [2H, history_row(D)]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at slot start;
+ *   buf [2H, history_row(D)]: rows 0..H-1 hold s, H..2H-1 hold y, a ring of len pairs starting at
+ *   slot start (each row's padding beyond D unused);
  *   R, YY [H, H]: triu(S^T Y) and Y^T Y by chronological position (oldest first);
  *   g, s, y [D]; dots_new [4] = (y.s, y.y, s.g, y.g); push: whether (s, y) joins the history
  *   (evicting the oldest pair when full); h_diag [1] = H_diag; need: whether the lane's direction is
@@ -239,13 +239,14 @@ void history_direction(int64_t n, int64_t H, int64_t D, REAL *buf, REAL *R, REAL
                        const uint8_t *push, const uint8_t *need, const REAL *h_diag, REAL *out, REAL *work,
                        int threads) {
   (void)threads; /* only OpenMP reads it */
+  const int64_t lane_floats = 2 * H * history_row(D); /* one lane's history */
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t l = 0; l < n; l++) {
     if (!need[l]) {
       memset(out + l * D, 0, (size_t)D * sizeof(REAL));
       continue;
     }
-    lane_direction(H, D, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, start + l, length + l, g + l * D,
+    lane_direction(H, D, buf + l * lane_floats, R + l * H * H, YY + l * H * H, start + l, length + l, g + l * D,
                    s + l * D, y + l * D, dots_new + 4 * l, push[l] != 0, h_diag[l], out + l * D,
                    scratch(work, thread_id(), H, D));
   }
@@ -358,14 +359,15 @@ static void lane_round(int64_t l, int64_t H, int64_t D, REAL f_new, const REAL *
 
 /* A whole round after the closure, for every lane l with run[l] (the others keep everything and
  * get col = their clamped step count, start = 0): the C form of attacks.lbfgs._round, with the
- * same lane-major arrays (buf as history_direction's), updated in place. ilim = (steps, max_iter, eval budget); flim = (lr,
- * tolerance_grad, tolerance_change). work: [threads, kernel_work(H, D)]. */
+ * same lane-major arrays (buf as history_direction's), updated in place. ilim = (steps, max_iter,
+ * eval budget); flim = (lr, tolerance_grad, tolerance_change). work: [threads, kernel_work(H, D)]. */
 void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL *f_new, const REAL *g_new,
                  REAL *x, REAL *x_ok, int64_t *status, int64_t *it, int64_t *n_iter, int64_t *evals, int64_t *steps,
                  int64_t *closures, REAL *loss, REAL *g, REAL *prev_g, REAL *prev_loss, REAL *d, REAL *t,
                  REAL *h_diag, REAL *final_loss, REAL *buf, REAL *R, REAL *YY, int64_t *hstart, int64_t *hlen,
                  int64_t *col, uint8_t *start, const int64_t *ilim, const double *flim, REAL *work, int threads) {
   (void)threads; /* only OpenMP reads it */
+  const int64_t lane_floats = 2 * H * history_row(D); /* one lane's history */
   const Counters c = {status, it, n_iter, evals, steps, closures};
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
   for (int64_t l = 0; l < n; l++) {
@@ -374,7 +376,7 @@ void lbfgs_round(int64_t n, int64_t H, int64_t D, const uint8_t *run, const REAL
     if (!run[l]) continue;
     const int64_t o = l * D;
     lane_round(l, H, D, f_new[l], g_new + o, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t,
-               h_diag, final_loss, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, hstart, hlen, start + l,
+               h_diag, final_loss, buf + l * lane_floats, R + l * H * H, YY + l * H * H, hstart, hlen, start + l,
                ilim, flim, scratch(work, thread_id(), H, D));
   }
 }
@@ -401,6 +403,7 @@ void lbfgs_rounds(int64_t rounds, LaneObjective f, const void *ctx, REAL *obj_wo
                   int64_t nsnap, const int64_t *snap_steps, REAL *snaps, uint8_t *snapped, const int64_t *ilim,
                   const double *flim, REAL *work, int64_t *most, int threads) {
   (void)threads; /* only OpenMP reads it */
+  const int64_t lane_floats = 2 * H * history_row(D); /* one lane's history */
   const Counters c = {status, it, n_iter, evals, steps, closures};
   int64_t longest = 0;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1) reduction(max : longest)
@@ -415,8 +418,7 @@ void lbfgs_rounds(int64_t rounds, LaneObjective f, const void *ctx, REAL *obj_wo
       const int64_t col = trace_col(steps[l], ilim[0]);
       uint8_t start = 0;
       lane_round(l, H, D, value, w.g_new, x + o, x_ok + o, c, loss, g + o, prev_g + o, prev_loss, d + o, t, h_diag,
-                 final_loss, buf + l * 2 * H * row(D), R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim,
-                 flim, w);
+                 final_loss, buf + l * lane_floats, R + l * H * H, YY + l * H * H, hstart, hlen, &start, ilim, flim, w);
       if (start) trace[lane * ilim[0] + col] = loss[l];
       for (int64_t j = 0; j < nsnap; j++)
         if (steps[l] == snap_steps[j] && !snapped[j * count + lane]) {
